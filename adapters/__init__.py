@@ -1,0 +1,8 @@
+"""Built-in adapters, one module per model family; importing this package registers them.
+
+Installed as ``flatscan.adapters``. Each adapter is the only code that knows its family's layout.
+"""
+
+from flatscan.adapters import convnext, efficientnet, resnet
+
+__all__ = ["convnext", "efficientnet", "resnet"]

@@ -1,0 +1,22 @@
+"""flatscan: exact Hessian trace and relative flatness of the feature layer of pretrained CNN classifiers."""
+
+from flatscan.contract import NormalisedHead, Tap, UnsupportedModel
+from flatscan.flatness import Activation
+from flatscan.registry import Adapter, adapters, describe, register
+from flatscan.scanner import ScanResult, scan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activation",
+    "Adapter",
+    "NormalisedHead",
+    "ScanResult",
+    "Tap",
+    "UnsupportedModel",
+    "__version__",
+    "adapters",
+    "describe",
+    "register",
+    "scan",
+]

@@ -1,0 +1,263 @@
+"""Exact Hessian trace and relative flatness of a CNN's feature layer, in closed form.
+
+Pure tensor functions, batched over samples (leading dimension N); each returns per-sample
+values. Notation of ``shared/docs/flatness-math.md``: the feature layer's filters K_c (flattened
+to R^D) act on input patches P_p at the L output positions, ``v = s * z + t + r`` is the
+pre-activation, ``h = mean_p sigma(v)`` the pooled vector, ``loss = CE(head(h), y)``::
+
+    g_c     = (s_c / L) sum_p sigma'(v_cp) P_p                    gradient of h_c w.r.t. K_c
+    e       = dloss/dh,   B = d2loss/dh2
+    curv_c  = (s_c^2 / L) sum_p sigma''(v_cp) ||P_p||^2
+    Tr(H)   = sum_c B_cc ||g_c||^2 + sum_c e_c curv_c
+    kappa   = sum_{c,c'} (K K^T)_cc' B_cc' <g_c, g_c'> + sum_c ||K_c||^2 e_c curv_c
+    kappa_W = ||x||^2 (sum_j p_j ||w_j||^2 - ||W^T p||^2)        classifier layer W acting on x
+
+GEMMs run in the inputs' dtype (float32 is fine, TF32 on GPU); every reduction to a per-sample
+number is accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS = ("identity", "relu", "relu6", "leaky_relu", "silu", "gelu", "gelu_tanh", "hardswish", "mish")
+_PIECEWISE_LINEAR = frozenset({"identity", "relu", "relu6", "leaky_relu"})
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_TANH_CUBIC = 0.044715
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An element-wise activation with closed-form first and second derivatives."""
+
+    name: str
+    negative_slope: float = 0.01  # leaky_relu only
+
+    def __post_init__(self) -> None:
+        if self.name not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.name!r}; known: {', '.join(ACTIVATIONS)}")
+
+    @property
+    def piecewise_linear(self) -> bool:
+        """Whether sigma'' vanishes almost everywhere (the curvature term is then zero)."""
+        return self.name in _PIECEWISE_LINEAR
+
+    def __call__(self, v: Tensor) -> Tensor:
+        match self.name:
+            case "identity":
+                return v
+            case "relu":
+                return F.relu(v)
+            case "relu6":
+                return F.relu6(v)
+            case "leaky_relu":
+                return F.leaky_relu(v, self.negative_slope)
+            case "silu":
+                return F.silu(v)
+            case "gelu":
+                return F.gelu(v)
+            case "gelu_tanh":
+                return F.gelu(v, approximate="tanh")
+            case "hardswish":
+                return F.hardswish(v)
+            case _:
+                return F.mish(v)
+
+    def derivatives(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        """(sigma'(v), sigma''(v)), element-wise; kinks get the one-sided value (a null set)."""
+        zero = torch.zeros_like(v)
+        match self.name:
+            case "identity":
+                return torch.ones_like(v), zero
+            case "relu":
+                return (v > 0).to(v.dtype), zero
+            case "relu6":
+                return ((v > 0) & (v < 6)).to(v.dtype), zero
+            case "leaky_relu":
+                return torch.where(v > 0, 1.0, torch.full_like(v, self.negative_slope)), zero
+            case "silu":
+                sg = torch.sigmoid(v)
+                return sg * (1 + v * (1 - sg)), sg * (1 - sg) * (2 + v * (1 - 2 * sg))
+            case "gelu":
+                pdf = torch.exp(-0.5 * v * v) / math.sqrt(2 * math.pi)
+                cdf = 0.5 * (1 + torch.erf(v / math.sqrt(2.0)))
+                return cdf + v * pdf, pdf * (2 - v * v)
+            case "gelu_tanh":
+                u1 = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_CUBIC * v * v)
+                u2 = _SQRT_2_OVER_PI * 6 * _GELU_TANH_CUBIC * v
+                t = torch.tanh(_SQRT_2_OVER_PI * (v + _GELU_TANH_CUBIC * v**3))
+                sech2 = 1 - t * t
+                return 0.5 * (1 + t) + 0.5 * v * sech2 * u1, sech2 * (u1 + 0.5 * v * (u2 - 2 * t * u1 * u1))
+            case "hardswish":
+                inside = (v > -3) & (v < 3)
+                # Scalars are broadcast as tensors of v's dtype: a Python float alone would become float32.
+                d1 = torch.where(v >= 3, 1.0, torch.where(inside, (2 * v + 3) / 6, zero))
+                return d1, torch.where(inside, torch.full_like(v, 1 / 3), zero)
+            case _:
+                sg = torch.sigmoid(v)
+                t = torch.tanh(F.softplus(v))
+                dt = (1 - t * t) * sg
+                return t + v * dt, dt * (2 + v * (1 - sg - 2 * t * sg))
+
+
+def conv_patches(
+    inputs: Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    groups: int,
+    padding_mode: str = "zeros",
+) -> Tensor:
+    """Input patches P of a 2-D convolution, shape (N, groups, D, L), D = C_in/groups * kh * kw.
+
+    ``padding`` is (left, right, top, bottom); the D axis is ordered like ``weight.reshape(C, -1)``.
+    """
+    if any(padding):
+        inputs = F.pad(inputs, padding, mode="constant" if padding_mode == "zeros" else padding_mode)
+    cols = F.unfold(inputs, kernel_size, dilation=dilation, stride=stride)
+    return cols.unflatten(1, (groups, -1))
+
+
+def linear_patches(inputs: Tensor) -> Tensor:
+    """Patches of a Linear layer applied over a channels-last map (N, ..., D): shape (N, 1, D, L)."""
+    return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).transpose(1, 2).unsqueeze(1)
+
+
+def _scaled_slopes(slopes: Tensor, channel_scale: Tensor, groups: int) -> Tensor:
+    """(s_c / L) sigma'(v_cp) as (N, groups, C/groups, L)."""
+    n, c, positions = slopes.shape
+    return (slopes * (channel_scale[:, None] / positions)).view(n, groups, c // groups, positions)
+
+
+def _patch_gram(patches: Tensor) -> Tensor | None:
+    """P^T P (N, L, L) when going through it is cheaper than forming g (one group, L < D)."""
+    _, groups, d, positions = patches.shape
+    if groups != 1 or positions >= d:
+        return None
+    p = patches[:, 0]
+    return p.transpose(1, 2) @ p
+
+
+def feature_gradients(slopes: Tensor, patches: Tensor, channel_scale: Tensor) -> Tensor:
+    """g_c = d h_c / d K_c = (s_c / L) sum_p sigma'(v_cp) P_p, shape (N, C, D).
+
+    ``slopes`` is sigma'(v) as (N, C, L).
+    """
+    factor = _scaled_slopes(slopes, channel_scale, patches.shape[1])
+    return (factor @ patches.transpose(2, 3)).flatten(1, 2)
+
+
+def gradient_sqnorms(slopes: Tensor, patches: Tensor, channel_scale: Tensor) -> Tensor:
+    """||g_c||^2, shape (N, C)."""
+    gram = _patch_gram(patches)
+    if gram is None:
+        return feature_gradients(slopes, patches, channel_scale).square().sum(-1)
+    factor = _scaled_slopes(slopes, channel_scale, 1)[:, 0]
+    return ((factor @ gram) * factor).sum(-1)
+
+
+def gradient_gram(slopes: Tensor, patches: Tensor, channel_scale: Tensor) -> Tensor:
+    """<g_c, g_c'>, shape (N, C, C); through P^T P (L x L) when L < D, never forming g."""
+    gram = _patch_gram(patches)
+    if gram is None:
+        g = feature_gradients(slopes, patches, channel_scale)
+        return g @ g.transpose(1, 2)
+    factor = _scaled_slopes(slopes, channel_scale, 1)[:, 0]
+    return (factor @ gram) @ factor.transpose(1, 2)
+
+
+def curvature(curvatures: Tensor, patches: Tensor, channel_scale: Tensor) -> Tensor:
+    """curv_c = (s_c^2 / L) sum_p sigma''(v_cp) ||P_p||^2, shape (N, C); ``curvatures`` is sigma''(v)."""
+    n, groups, _, positions = patches.shape
+    patch_sqnorms = patches.square().sum(2).unsqueeze(-1)  # (N, groups, L, 1)
+    per_group = curvatures.view(n, groups, -1, positions) @ patch_sqnorms
+    return per_group.reshape(n, -1) * (channel_scale.square() / positions)
+
+
+@dataclass(frozen=True)
+class HeadDerivatives:
+    """e = dloss/dh (N, C) and B = d2loss/dh2 per sample.
+
+    A linear head keeps B factored as B = V^T V with V (N, classes, C), so contractions with B
+    never form it and never subtract two large numbers; a general head keeps B (N, C, C).
+    """
+
+    grad: Tensor
+    hessian: Tensor | None = None
+    hessian_factor: Tensor | None = None
+
+    def diagonal(self) -> Tensor:
+        """B_cc, shape (N, C)."""
+        if self.hessian_factor is not None:
+            return self.hessian_factor.square().sum(1)
+        assert self.hessian is not None
+        return self.hessian.diagonal(dim1=1, dim2=2)
+
+    def contract(self, q: Tensor) -> Tensor:
+        """sum_{c,c'} q_cc' B_cc' per sample, float64; ``q`` is (N, C, C)."""
+        if self.hessian_factor is not None:
+            v = self.hessian_factor
+            return ((v @ q) * v).sum((1, 2), dtype=torch.float64)
+        assert self.hessian is not None
+        return (q * self.hessian).sum((1, 2), dtype=torch.float64)
+
+    def select(self, channels: slice) -> HeadDerivatives:
+        """Restrict to the pooled channels the feature layer feeds."""
+        if self.hessian_factor is not None:
+            return HeadDerivatives(self.grad[:, channels], hessian_factor=self.hessian_factor[:, :, channels])
+        assert self.hessian is not None
+        return HeadDerivatives(self.grad[:, channels], hessian=self.hessian[:, channels, channels])
+
+
+def linear_head_derivatives(logits: Tensor, labels: Tensor, weight: Tensor) -> HeadDerivatives:
+    """e = W^T (p - onehot(y)), B = W^T (diag(p) - p p^T) W = V^T V with V_k = sqrt(p_k) (w_k - W^T p)."""
+    p = torch.softmax(logits, dim=1)
+    residual = p - F.one_hot(labels, p.shape[1]).to(p.dtype)
+    mean_row = p @ weight  # W^T p, (N, C)
+    factor = p.sqrt().unsqueeze(-1) * (weight - mean_row.unsqueeze(1))
+    return HeadDerivatives(residual @ weight, hessian_factor=factor)
+
+
+def head_derivatives(head: Callable[[Tensor], Tensor], pooled: Tensor, labels: Tensor) -> HeadDerivatives:
+    """Exact e and B of ``CE(head(h), y)`` for a general differentiable head, by torch.func."""
+
+    def loss(h: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(head(h.unsqueeze(0)), y.unsqueeze(0))
+
+    grad = torch.func.vmap(torch.func.grad(loss))(pooled, labels)
+    hessian = torch.func.vmap(torch.func.hessian(loss))(pooled, labels)
+    return HeadDerivatives(grad, hessian=hessian)
+
+
+def hessian_trace(sqnorms: Tensor, curv: Tensor, head: HeadDerivatives) -> Tensor:
+    """Tr(H) = sum_c B_cc ||g_c||^2 + sum_c e_c curv_c, per sample, float64."""
+    return (head.diagonal() * sqnorms).sum(1, dtype=torch.float64) + (head.grad * curv).sum(
+        1, dtype=torch.float64
+    )
+
+
+def relative_flatness(kernel_gram: Tensor, grad_gram: Tensor, curv: Tensor, head: HeadDerivatives) -> Tensor:
+    """kappa = sum_{c,c'} (K K^T)_cc' B_cc' <g_c, g_c'> + sum_c ||K_c||^2 e_c curv_c, per sample, float64.
+
+    ``kernel_gram`` is K K^T (C, C); ``grad_gram`` is <g_c, g_c'> (N, C, C).
+    """
+    cross = head.contract(kernel_gram * grad_gram)
+    return cross + (kernel_gram.diagonal() * head.grad * curv).sum(1, dtype=torch.float64)
+
+
+def classifier_flatness(inputs: Tensor, logits: Tensor, weight: Tensor) -> Tensor:
+    """kappa_W = ||x||^2 sum_j p_j ||w_j - W^T p||^2 of a Linear classifier W on x, per sample, float64.
+
+    Equal to ``||x||^2 (sum_j p_j ||w_j||^2 - ||W^T p||^2)``, written without the cancellation.
+    """
+    p = torch.softmax(logits, dim=1)
+    centred = weight - (p @ weight).unsqueeze(1)  # (N, classes, C)
+    spread = (p.unsqueeze(-1) * centred.square()).sum((1, 2), dtype=torch.float64)
+    return inputs.square().sum(1, dtype=torch.float64) * spread

@@ -1,0 +1,344 @@
+"""Stream evaluation batches through a model once and measure its feature layer exactly."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Conv2dSame, pad_same
+from timm.layers.conv2d_same import Conv2dSameExport
+from torch import Tensor, nn
+
+from flatscan import flatness
+from flatscan.contract import NormalisedHead, Tap, UnsupportedModel
+from flatscan.registry import describe
+
+# Per-chunk working memory for the C x C (and classes x C) per-sample matrices of kappa.
+_CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """Dataset values (means over samples, i.e. of the Hessian of the mean loss) with standard errors."""
+
+    architecture: str
+    family: str
+    feature_layer: str
+    activation: str
+    head_type: str
+    n_samples: int
+    trace: float
+    trace_se: float
+    relative_flatness: float | None  # None when scanned with trace_only
+    relative_flatness_se: float | None
+    classifier_flatness: float
+    classifier_flatness_se: float
+    loss: float
+    loss_se: float
+    accuracy: float
+    device: str
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Moments:
+    """Count, mean and sum of squared deviations in float64, merged batch by batch (Chan et al.)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, values: Tensor) -> None:
+        values = values.detach().to("cpu", torch.float64)
+        count = values.numel()
+        mean = values.mean().item()
+        m2 = (values - mean).square().sum().item()
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean += delta * count / total
+        self.m2 += m2 + delta * delta * self.count * count / total
+        self.count = total
+
+    @property
+    def se(self) -> float:
+        """Standard error of the mean (sample standard deviation / sqrt(n))."""
+        return math.sqrt(self.m2 / (self.count - 1) / self.count) if self.count > 1 else math.nan
+
+
+class _Recorder:
+    """Forward hooks that keep a copy of each tapped tensor of one forward pass."""
+
+    def __init__(self, model: nn.Module, taps: dict[str, Tap]) -> None:
+        modules = dict(model.named_modules())
+        self.taps = taps
+        self.values: dict[str, Tensor] = {}
+        self.recording = False  # only the model's own forward is recorded, not the head calls of the math
+        self.handles = []
+        for key, tap in taps.items():
+            module = modules.get(tap.module)
+            if module is None:
+                raise UnsupportedModel(f"the adapter taps {tap.module!r}, which the model does not have")
+            if tap.point == "input":
+                self.handles.append(module.register_forward_pre_hook(partial(self._keep_input, key)))
+            else:
+                self.handles.append(module.register_forward_hook(partial(self._keep_output, key)))
+
+    def _keep(self, key: str, tensor: Tensor) -> None:
+        if not self.recording:
+            return
+        if key in self.values:
+            raise UnsupportedModel(
+                f"{self.taps[key].module} runs more than once in a forward pass; flatscan needs one call"
+            )
+        # A copy: in-place activations (ReLU(inplace=True), x += shortcut) overwrite the original.
+        self.values[key] = tensor.detach().clone()
+
+    def _keep_input(self, key: str, module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        self._keep(key, args[0])
+
+    def _keep_output(self, key: str, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        self._keep(key, output)
+
+    def forward(self, model: nn.Module, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The model's logits and the tensors tapped during that forward pass."""
+        self.recording = True
+        try:
+            logits = model(images)
+        finally:
+            self.recording = False
+        missing = [self.taps[key].module for key in self.taps if key not in self.values]
+        if missing:
+            raise UnsupportedModel(f"{', '.join(missing)} did not run in the forward pass")
+        values, self.values = self.values, {}
+        return logits, values
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@contextmanager
+def _recording(model: nn.Module, taps: dict[str, Tap]) -> Iterator[_Recorder]:
+    recorder = _Recorder(model, taps)
+    try:
+        yield recorder
+    finally:
+        recorder.remove()
+
+
+def feature_patches(layer: nn.Module, inputs: Tensor) -> Tensor:
+    """Patches (N, groups, D, L) seen by ``layer``: Conv2d, timm's Conv2dSame, or a channels-last Linear."""
+    if isinstance(layer, nn.Linear):
+        return flatness.linear_patches(inputs)
+    if not isinstance(layer, nn.Conv2d):
+        raise UnsupportedModel(
+            f"the feature layer is {type(layer).__name__}; flatscan measures Conv2d and Linear"
+        )
+    kernel, stride, dilation = layer.kernel_size, layer.stride, layer.dilation
+    if isinstance(layer, (Conv2dSame, Conv2dSameExport)):
+        # TensorFlow 'SAME' padding depends on the input size; timm's own pad_same applies it.
+        inputs = pad_same(inputs, kernel, stride, dilation)
+        padding = (0, 0, 0, 0)
+    elif layer.padding == "same":
+        # As torch does it: the odd pixel of an asymmetric padding goes right / bottom.
+        th, tw = (d * (k - 1) for d, k in zip(dilation, kernel, strict=True))
+        padding = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    elif layer.padding == "valid":
+        padding = (0, 0, 0, 0)
+    else:
+        ph, pw = layer.padding
+        padding = (pw, pw, ph, ph)
+    return flatness.conv_patches(inputs, kernel, stride, dilation, padding, layer.groups, layer.padding_mode)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class _Constants:
+    """Per-scan tensors on the compute device and dtype."""
+
+    feature_layer: nn.Module
+    classifier_weight: Tensor
+    channel_scale: Tensor
+    kernel_gram: Tensor
+
+
+def _check_normalisation(
+    head: NormalisedHead, pre_activation: Tensor, pooled: Tensor, logits: Tensor, tap_dtype: torch.dtype
+) -> None:
+    """Refuse a model whose pooled vector (or logits) the normalised head does not reproduce."""
+    tolerance = 1e3 * torch.finfo(tap_dtype).eps
+    got = pooled[:, head.channels]
+    expected = head.activation(pre_activation).mean(-1)
+    if (expected - got).abs().max() > tolerance * (1 + got.abs().max()):
+        raise UnsupportedModel(
+            f"the pooled vector ({head.pooled.point} of {head.pooled.module}) is not the average of "
+            f"{head.activation.name}(pre-activation at {head.pre_activation.module}): something between "
+            f"the feature layer and the pool is not element-wise, or the {head.family} adapter is wrong"
+        )
+    if head.head_fn is not None:
+        recomputed = head.head_fn(pooled)
+        if (recomputed - logits).abs().max() > tolerance * (1 + logits.abs().max()):
+            raise UnsupportedModel(f"the {head.family} adapter's head function does not reproduce the logits")
+
+
+def _measure(
+    head: NormalisedHead,
+    const: _Constants,
+    tapped: dict[str, Tensor],
+    logits: Tensor,
+    labels: Tensor,
+    trace_only: bool,
+) -> dict[str, Tensor]:
+    """Per-sample measures (float64) of one chunk of samples."""
+    scale = const.channel_scale
+    pre_activation = tapped["pre_activation"].flatten(2)
+    patches = feature_patches(const.feature_layer, tapped["features"])
+    if pre_activation.shape[-1] != patches.shape[-1]:
+        raise UnsupportedModel(
+            f"the pre-activation has {pre_activation.shape[-1]} positions but the feature layer "
+            f"{patches.shape[-1]}: something between them changes the spatial size"
+        )
+    slopes, curvatures = head.activation.derivatives(pre_activation)
+    if head.head_fn is None:
+        derivatives = flatness.linear_head_derivatives(logits, labels, const.classifier_weight)
+    else:
+        derivatives = flatness.head_derivatives(head.head_fn, tapped["pooled"].flatten(1), labels)
+    derivatives = derivatives.select(head.channels)
+    curv = flatness.curvature(curvatures, patches, scale)
+    sqnorms = flatness.gradient_sqnorms(slopes, patches, scale)
+    out = {
+        "trace": flatness.hessian_trace(sqnorms, curv, derivatives),
+        "classifier_flatness": flatness.classifier_flatness(
+            tapped["classifier_input"].flatten(1), logits, const.classifier_weight
+        ),
+        "loss": F.cross_entropy(logits, labels, reduction="none").double(),
+        "correct": (logits.argmax(1) == labels).double(),
+    }
+    if not trace_only:
+        grad_gram = flatness.gradient_gram(slopes, patches, scale)
+        out["relative_flatness"] = flatness.relative_flatness(const.kernel_gram, grad_gram, curv, derivatives)
+    return out
+
+
+def scan(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    device: str | torch.device | None = None,
+    max_samples: int | None = None,
+    trace_only: bool = False,
+) -> ScanResult:
+    """Exact Tr(H), relative flatness and classifier flatness of ``model``'s feature layer over ``batches``.
+
+    ``batches`` yields (images, labels) in the model's preprocessing. The model is moved to ``device``
+    (default: CUDA when available) and run once per batch in eval mode without an autograd graph; its
+    dtype is kept (float64 models are measured in float64 end to end). Raises
+    :class:`UnsupportedModel` with the reason for a model outside the supported class.
+    """
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be positive, got {max_samples}")
+    head = describe(model)
+    dev = resolve_device(device)
+    modules = dict(model.named_modules())
+    param_dtype = next(model.parameters()).dtype
+    compute_dtype = torch.promote_types(param_dtype, torch.float32)
+    was_training = model.training
+    model.to(dev).eval()
+    feature_layer = modules[head.feature_layer]
+    kernel = feature_layer.weight.detach().to(compute_dtype).flatten(1)
+    const = _Constants(
+        feature_layer=feature_layer,
+        classifier_weight=modules[head.classifier].weight.detach().to(compute_dtype),
+        channel_scale=head.channel_scale.to(dev, compute_dtype),
+        kernel_gram=kernel @ kernel.T,
+    )
+    taps = {
+        "features": Tap(head.feature_layer, "input"),
+        "pre_activation": head.pre_activation,
+        "pooled": head.pooled,
+        "classifier_input": Tap(head.classifier, "input"),
+    }
+    names = ["trace", "classifier_flatness", "loss", "correct"] + (
+        [] if trace_only else ["relative_flatness"]
+    )
+    moments = {name: _Moments() for name in names}
+    channels, classes = kernel.shape[0], const.classifier_weight.shape[0]
+    chunk = max(1, _CHUNK_BYTES // (channels * max(channels, classes) * kernel.element_size() * 3))
+    start, n_seen = time.perf_counter(), 0
+    try:
+        with _recording(model, taps) as recorder, torch.no_grad():
+            for images, labels in batches:
+                if max_samples is not None:
+                    images, labels = images[: max_samples - n_seen], labels[: max_samples - n_seen]
+                images = images.to(dev, param_dtype if images.is_floating_point() else None)
+                labels = labels.to(dev)
+                logits, tapped = recorder.forward(model, images)
+                if labels.min() < 0 or labels.max() >= logits.shape[1]:
+                    bad = labels[(labels < 0) | (labels >= logits.shape[1])][0].item()
+                    raise ValueError(
+                        f"label {bad} is outside the model's {logits.shape[1]} classes; "
+                        "map the dataset's labels to the model's classes"
+                    )
+                tap_dtype = tapped["pooled"].dtype
+                tapped = {key: value.to(compute_dtype) for key, value in tapped.items()}
+                logits = logits.to(compute_dtype)
+                if n_seen == 0:
+                    _check_normalisation(
+                        head,
+                        tapped["pre_activation"].flatten(2),
+                        tapped["pooled"].flatten(1),
+                        logits,
+                        tap_dtype,
+                    )
+                for lo in range(0, labels.shape[0], chunk):
+                    part = slice(lo, lo + chunk)
+                    values = _measure(
+                        head,
+                        const,
+                        {k: v[part] for k, v in tapped.items()},
+                        logits[part],
+                        labels[part],
+                        trace_only,
+                    )
+                    for name, value in values.items():
+                        moments[name].add(value)
+                n_seen += labels.shape[0]
+                if max_samples is not None and n_seen >= max_samples:
+                    break
+    finally:
+        model.train(was_training)
+    if n_seen == 0:
+        raise ValueError("the evaluation data yielded no samples")
+    kappa = moments.get("relative_flatness")
+    return ScanResult(
+        architecture=getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__,
+        family=head.family,
+        feature_layer=head.feature_layer,
+        activation=head.activation.name,
+        head_type=head.head_type,
+        n_samples=n_seen,
+        trace=moments["trace"].mean,
+        trace_se=moments["trace"].se,
+        relative_flatness=None if kappa is None else kappa.mean,
+        relative_flatness_se=None if kappa is None else kappa.se,
+        classifier_flatness=moments["classifier_flatness"].mean,
+        classifier_flatness_se=moments["classifier_flatness"].se,
+        loss=moments["loss"].mean,
+        loss_se=moments["loss"].se,
+        accuracy=moments["correct"].mean,
+        device=str(dev),
+        seconds=time.perf_counter() - start,
+    )

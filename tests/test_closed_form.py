@@ -1,0 +1,183 @@
+"""The closed form against brute-force autograd Hessians, for every activation and conv geometry.
+
+A small GAP network (stem -> feature conv -> BatchNorm + residual -> activation -> GAP -> Linear)
+registered through the public adapter API, in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hessian_reference import randomise_norms, relative_error, trace_and_flatness, weight_hessian
+from timm.layers import create_conv2d
+from torch import nn
+
+import flatscan
+from flatscan.contract import NormalisedHead, Tap, activation_of, batchnorm_scale
+
+RTOL = 1e-10
+
+
+class GapNet(nn.Module):
+    """stem -> conv (feature layer) -> bn + shortcut -> act -> global average pool -> fc."""
+
+    def __init__(self, conv: nn.Conv2d, act: nn.Module, classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, conv.in_channels, 3, padding=1)
+        self.conv = conv
+        self.bn = nn.BatchNorm2d(conv.out_channels)
+        self.shortcut = nn.Conv2d(conv.in_channels, conv.out_channels, 1)
+        self.act = act
+        self.fc = nn.Linear(conv.out_channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.tanh(self.stem(x))
+        z = self.bn(self.conv(a))
+        # The residual does not depend on the feature layer's kernel.
+        v = z + self.shortcut(nn.functional.adaptive_avg_pool2d(a, z.shape[-2:]))
+        return self.fc(self.act(v).mean((2, 3)))
+
+
+@flatscan.register("gapnet", GapNet)
+def describe_gapnet(model: GapNet) -> NormalisedHead:
+    return NormalisedHead(
+        family="gapnet",
+        feature_layer="conv",
+        pre_activation=Tap("act", "input"),
+        pooled=Tap("fc", "input"),
+        channel_scale=batchnorm_scale(model.bn, "bn"),
+        activation=activation_of(model.act, "act"),
+        classifier="fc",
+    )
+
+
+def make_gapnet(conv: nn.Conv2d, act: nn.Module, seed: int = 0) -> GapNet:
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = GapNet(conv, act)
+    # A wide spread of pre-activations, so every piece of ReLU6 / hard-swish is visited.
+    randomise_norms(model, generator, scale=(1.0, 4.0))
+    return model.double().eval()
+
+
+def batch(n: int = 4, size: int = 8, seed: int = 1, classes: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(n, 3, size, size, generator=generator, dtype=torch.float64),
+        torch.randint(0, classes, (n,), generator=generator),
+    )
+
+
+def assert_matches_autograd(
+    model: nn.Module,
+    weight_name: str,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    result: flatscan.ScanResult,
+) -> None:
+    trace, kappa = trace_and_flatness(model, weight_name, images, labels)
+    assert abs(trace) > 1e-6 and abs(kappa) > 1e-6, "degenerate test case"
+    assert relative_error(result.trace, trace) <= RTOL, (result.trace, trace)
+    assert relative_error(result.relative_flatness, kappa) <= RTOL, (result.relative_flatness, kappa)
+
+
+ACTIVATIONS = {
+    "identity": nn.Identity(),
+    "relu": nn.ReLU(inplace=True),
+    "relu6": nn.ReLU6(),
+    "leaky_relu": nn.LeakyReLU(0.2),
+    "silu": nn.SiLU(),
+    "gelu": nn.GELU(),
+    "gelu_tanh": nn.GELU(approximate="tanh"),
+    "hardswish": nn.Hardswish(),
+    "mish": nn.Mish(),
+}
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_every_activation_matches_autograd(name: str) -> None:
+    model = make_gapnet(nn.Conv2d(4, 6, 3, padding=1), ACTIVATIONS[name])
+    images, labels = batch()
+    result = flatscan.scan(model, [(images, labels)], device="cpu")
+    assert result.activation == name
+    assert_matches_autograd(model, "conv.weight", images, labels, result)
+
+
+GEOMETRIES = {
+    # 8x8 input, 3x3 stride 1: L = 64 > D = 36, g is formed explicitly.
+    "3x3": lambda: nn.Conv2d(4, 6, 3, padding=1),
+    # L = 9 < D = 36: <g_c, g_c'> goes through the patch Gram matrix P^T P.
+    "stride2": lambda: nn.Conv2d(4, 6, 3, stride=2),
+    "dilation2": lambda: nn.Conv2d(4, 6, 3, padding=2, dilation=2),
+    "groups2": lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2),
+    "1x1": lambda: nn.Conv2d(4, 6, 1),
+    "rect_kernel": lambda: nn.Conv2d(4, 6, (3, 1), stride=(1, 2), padding=(1, 0)),
+    "torch_same_even": lambda: nn.Conv2d(4, 6, 4, padding="same"),
+    "reflect": lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"),
+    "circular": lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular"),
+    "timm_same_dynamic": lambda: create_conv2d(4, 6, 3, stride=2, padding="same"),
+    "timm_same_static": lambda: create_conv2d(4, 6, 5, stride=1, padding="same", dilation=2),
+}
+
+
+@pytest.mark.parametrize("name", GEOMETRIES)
+@pytest.mark.parametrize("size", [8, 9])
+def test_conv_geometry_matches_autograd(name: str, size: int) -> None:
+    model = make_gapnet(GEOMETRIES[name](), nn.SiLU())
+    images, labels = batch(size=size)
+    result = flatscan.scan(model, [(images, labels)], device="cpu")
+    assert_matches_autograd(model, "conv.weight", images, labels, result)
+
+
+def test_timm_same_padding_is_dynamic() -> None:
+    assert type(GEOMETRIES["timm_same_dynamic"]()).__name__ == "Conv2dSame"
+
+
+def test_classifier_flatness_matches_autograd() -> None:
+    model = make_gapnet(nn.Conv2d(4, 6, 3, padding=1), nn.GELU())
+    images, labels = batch()
+    result = flatscan.scan(model, [(images, labels)], device="cpu")
+    weight, hessian = weight_hessian(model, "fc.weight", images, labels)
+    # Per sample: the mean over samples of kappa_W equals sum <w_j, w_j'> Tr(H_jj') of the mean loss.
+    kappa_w = ((weight @ weight.T) * torch.einsum("idjd->ij", hessian)).sum().item()
+    assert relative_error(result.classifier_flatness, kappa_w) <= RTOL
+
+
+def test_standard_errors_are_over_per_sample_values() -> None:
+    model = make_gapnet(nn.Conv2d(4, 6, 3, padding=1), nn.Mish())
+    images, labels = batch(n=6)
+    per_sample = torch.tensor(
+        [trace_and_flatness(model, "conv.weight", images[i : i + 1], labels[i : i + 1]) for i in range(6)],
+        dtype=torch.float64,
+    )
+    mean, se = per_sample.mean(0), per_sample.std(0, unbiased=True) / math.sqrt(6)
+    # Three uneven batches: the streaming merge must give the same moments as one pass.
+    batches = [(images[:1], labels[:1]), (images[1:4], labels[1:4]), (images[4:], labels[4:])]
+    result = flatscan.scan(model, batches, device="cpu")
+    assert result.n_samples == 6
+    assert relative_error(result.trace, mean[0].item()) <= RTOL
+    assert relative_error(result.relative_flatness, mean[1].item()) <= RTOL
+    assert relative_error(result.trace_se, se[0].item()) <= 1e-8
+    assert relative_error(result.relative_flatness_se, se[1].item()) <= 1e-8
+
+
+def test_kappa_is_invariant_to_filter_rescaling_and_trace_is_not() -> None:
+    model = make_gapnet(nn.Conv2d(4, 6, 3, padding=1), nn.SiLU())
+    images, labels = batch()
+    before = flatscan.scan(model, [(images, labels)], device="cpu")
+    logits_before = model(images)
+    lam = torch.linspace(0.3, 3.0, 6, dtype=torch.float64)
+    with torch.no_grad():
+        # Rescale filter c by lam_c and divide the BatchNorm scale by lam_c: the same function.
+        model.conv.weight.mul_(lam[:, None, None, None])
+        model.conv.bias.mul_(lam)
+        model.bn.running_mean.mul_(lam)
+        model.bn.weight.div_(lam)
+    torch.testing.assert_close(model(images), logits_before, rtol=1e-12, atol=1e-12)
+    after = flatscan.scan(model, [(images, labels)], device="cpu")
+    assert relative_error(after.relative_flatness, before.relative_flatness) <= RTOL
+    assert relative_error(after.trace, before.trace) > 1e-2
+    # And after the rescaling both still agree with autograd.
+    assert_matches_autograd(model, "conv.weight", images, labels, after)
