@@ -2,7 +2,7 @@
 
 from flatscan.contract import NormalisedHead, Tap, UnsupportedModel
 from flatscan.flatness import Activation
-from flatscan.registry import Adapter, adapters, describe, register
+from flatscan.registry import Adapter, describe, list_adapters, register
 from flatscan.scanner import ScanResult, scan
 
 __version__ = "0.1.0"
@@ -15,8 +15,8 @@ __all__ = [
     "Tap",
     "UnsupportedModel",
     "__version__",
-    "adapters",
     "describe",
+    "list_adapters",
     "register",
     "scan",
 ]

@@ -185,44 +185,50 @@ def curvature(curvatures: Tensor, patches: Tensor, channel_scale: Tensor) -> Ten
 class HeadDerivatives:
     """e = dloss/dh (N, C) and B = d2loss/dh2 per sample.
 
-    A linear head keeps B factored as B = V^T V with V (N, classes, C), so contractions with B
-    never form it and never subtract two large numbers; a general head keeps B (N, C, C).
+    A general head keeps B (N, C, C). A linear head keeps the softmax ``probs`` (N, classes, float64)
+    and ``weight`` W instead, since B = W^T (diag(p) - p p^T) W: its diagonal is then two small
+    GEMMs and its contraction never forms B.
     """
 
     grad: Tensor
     hessian: Tensor | None = None
-    hessian_factor: Tensor | None = None
+    probs: Tensor | None = None
+    weight: Tensor | None = None
 
     def diagonal(self) -> Tensor:
-        """B_cc, shape (N, C)."""
-        if self.hessian_factor is not None:
-            return self.hessian_factor.square().sum(1)
-        assert self.hessian is not None
-        return self.hessian.diagonal(dim1=1, dim2=2)
+        """B_cc = sum_k p_k W_kc^2 - (W^T p)_c^2 (float64 for a linear head), shape (N, C)."""
+        if self.hessian is not None:
+            return self.hessian.diagonal(dim1=1, dim2=2)
+        assert self.probs is not None and self.weight is not None
+        weight = self.weight.double()
+        return self.probs @ weight.square() - (self.probs @ weight).square()
 
     def contract(self, q: Tensor) -> Tensor:
-        """sum_{c,c'} q_cc' B_cc' per sample, float64; ``q`` is (N, C, C)."""
-        if self.hessian_factor is not None:
-            v = self.hessian_factor
-            return ((v @ q) * v).sum((1, 2), dtype=torch.float64)
-        assert self.hessian is not None
-        return (q * self.hessian).sum((1, 2), dtype=torch.float64)
+        """sum_{c,c'} q_cc' B_cc' per sample, float64; ``q`` is (N, C, C).
+
+        A linear head uses B = V^T V, V_k = sqrt(p_k) (w_k - W^T p): a sum of non-negative terms
+        in q's dtype, with no cancellation between two large numbers.
+        """
+        if self.hessian is not None:
+            return (q * self.hessian).sum((1, 2), dtype=torch.float64)
+        assert self.probs is not None and self.weight is not None
+        mean_row = (self.probs @ self.weight.double()).to(q.dtype)  # W^T p
+        factor = self.probs.sqrt().to(q.dtype).unsqueeze(-1) * (self.weight - mean_row.unsqueeze(1))
+        return ((factor @ q) * factor).sum((1, 2), dtype=torch.float64)
 
     def select(self, channels: slice) -> HeadDerivatives:
         """Restrict to the pooled channels the feature layer feeds."""
-        if self.hessian_factor is not None:
-            return HeadDerivatives(self.grad[:, channels], hessian_factor=self.hessian_factor[:, :, channels])
-        assert self.hessian is not None
-        return HeadDerivatives(self.grad[:, channels], hessian=self.hessian[:, channels, channels])
+        if self.hessian is not None:
+            return HeadDerivatives(self.grad[:, channels], hessian=self.hessian[:, channels, channels])
+        assert self.weight is not None
+        return HeadDerivatives(self.grad[:, channels], probs=self.probs, weight=self.weight[:, channels])
 
 
 def linear_head_derivatives(logits: Tensor, labels: Tensor, weight: Tensor) -> HeadDerivatives:
-    """e = W^T (p - onehot(y)), B = W^T (diag(p) - p p^T) W = V^T V with V_k = sqrt(p_k) (w_k - W^T p)."""
-    p = torch.softmax(logits, dim=1)
-    residual = p - F.one_hot(labels, p.shape[1]).to(p.dtype)
-    mean_row = p @ weight  # W^T p, (N, C)
-    factor = p.sqrt().unsqueeze(-1) * (weight - mean_row.unsqueeze(1))
-    return HeadDerivatives(residual @ weight, hessian_factor=factor)
+    """e = W^T (p - onehot(y)) (float64) and B = W^T (diag(p) - p p^T) W, kept as (p, W)."""
+    probs = torch.softmax(logits.double(), dim=1)
+    residual = probs - F.one_hot(labels, probs.shape[1]).double()
+    return HeadDerivatives(residual @ weight.double(), probs=probs, weight=weight)
 
 
 def head_derivatives(head: Callable[[Tensor], Tensor], pooled: Tensor, labels: Tensor) -> HeadDerivatives:
@@ -238,9 +244,7 @@ def head_derivatives(head: Callable[[Tensor], Tensor], pooled: Tensor, labels: T
 
 def hessian_trace(sqnorms: Tensor, curv: Tensor, head: HeadDerivatives) -> Tensor:
     """Tr(H) = sum_c B_cc ||g_c||^2 + sum_c e_c curv_c, per sample, float64."""
-    return (head.diagonal() * sqnorms).sum(1, dtype=torch.float64) + (head.grad * curv).sum(
-        1, dtype=torch.float64
-    )
+    return (head.diagonal() * sqnorms).sum(1, dtype=torch.float64) + (head.grad * curv).sum(1, dtype=torch.float64)
 
 
 def relative_flatness(kernel_gram: Tensor, grad_gram: Tensor, curv: Tensor, head: HeadDerivatives) -> Tensor:
@@ -253,11 +257,8 @@ def relative_flatness(kernel_gram: Tensor, grad_gram: Tensor, curv: Tensor, head
 
 
 def classifier_flatness(inputs: Tensor, logits: Tensor, weight: Tensor) -> Tensor:
-    """kappa_W = ||x||^2 sum_j p_j ||w_j - W^T p||^2 of a Linear classifier W on x, per sample, float64.
-
-    Equal to ``||x||^2 (sum_j p_j ||w_j||^2 - ||W^T p||^2)``, written without the cancellation.
-    """
-    p = torch.softmax(logits, dim=1)
-    centred = weight - (p @ weight).unsqueeze(1)  # (N, classes, C)
-    spread = (p.unsqueeze(-1) * centred.square()).sum((1, 2), dtype=torch.float64)
+    """kappa_W = ||x||^2 (sum_j p_j ||w_j||^2 - ||W^T p||^2) of a Linear classifier W on x, per sample, float64."""
+    probs = torch.softmax(logits.double(), dim=1)
+    weight = weight.double()
+    spread = probs @ weight.square().sum(1) - (probs @ weight).square().sum(1)
     return inputs.square().sum(1, dtype=torch.float64) * spread

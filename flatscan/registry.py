@@ -42,7 +42,7 @@ def register(
     return decorator
 
 
-def adapters() -> list[Adapter]:
+def list_adapters() -> list[Adapter]:
     """All registered adapters, built-in ones included, in precedence order."""
     global _builtins_loaded
     if not _builtins_loaded:
@@ -53,12 +53,11 @@ def adapters() -> list[Adapter]:
 
 def describe(model: nn.Module) -> NormalisedHead:
     """The normalised head of ``model``, or :class:`UnsupportedModel` with the reason."""
-    registered = adapters()
+    registered = list_adapters()
     for adapter in registered:
         if isinstance(model, adapter.model_types):
             return adapter.describe(model)
     families = ", ".join(sorted({a.family for a in registered}))
     raise UnsupportedModel(
-        f"no adapter for {type(model).__name__} (supported families: {families}); "
-        "register one with flatscan.register"
+        f"no adapter for {type(model).__name__} (supported families: {families}); register one with flatscan.register"
     )

@@ -139,9 +139,7 @@ def feature_patches(layer: nn.Module, inputs: Tensor) -> Tensor:
     if isinstance(layer, nn.Linear):
         return flatness.linear_patches(inputs)
     if not isinstance(layer, nn.Conv2d):
-        raise UnsupportedModel(
-            f"the feature layer is {type(layer).__name__}; flatscan measures Conv2d and Linear"
-        )
+        raise UnsupportedModel(f"the feature layer is {type(layer).__name__}; flatscan measures Conv2d and Linear")
     kernel, stride, dilation = layer.kernel_size, layer.stride, layer.dilation
     if isinstance(layer, (Conv2dSame, Conv2dSameExport)):
         # TensorFlow 'SAME' padding depends on the input size; timm's own pad_same applies it.
@@ -271,9 +269,7 @@ def scan(
         "pooled": head.pooled,
         "classifier_input": Tap(head.classifier, "input"),
     }
-    names = ["trace", "classifier_flatness", "loss", "correct"] + (
-        [] if trace_only else ["relative_flatness"]
-    )
+    names = ["trace", "classifier_flatness", "loss", "correct"] + ([] if trace_only else ["relative_flatness"])
     moments = {name: _Moments() for name in names}
     channels, classes = kernel.shape[0], const.classifier_weight.shape[0]
     chunk = max(1, _CHUNK_BYTES // (channels * max(channels, classes) * kernel.element_size() * 3))

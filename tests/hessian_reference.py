@@ -11,9 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def weight_hessian(
-    model: nn.Module, weight_name: str, images: Tensor, labels: Tensor
-) -> tuple[Tensor, Tensor]:
+def weight_hessian(model: nn.Module, weight_name: str, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """(W as (rows, D), Hessian of the mean cross-entropy w.r.t. W as (rows, D, rows, D))."""
     model.eval()
     weight = dict(model.named_parameters())[weight_name].detach()
@@ -27,18 +25,14 @@ def weight_hessian(
     return weight.reshape(rows, -1), hessian.reshape(rows, weight[0].numel(), rows, weight[0].numel())
 
 
-def trace_and_flatness(
-    model: nn.Module, weight_name: str, images: Tensor, labels: Tensor
-) -> tuple[float, float]:
+def trace_and_flatness(model: nn.Module, weight_name: str, images: Tensor, labels: Tensor) -> tuple[float, float]:
     """Tr(H) and relative flatness sum_{c,c'} <K_c, K_c'> Tr(H_cc') from the full autograd Hessian."""
     kernel, hessian = weight_hessian(model, weight_name, images, labels)
     block_traces = torch.einsum("idjd->ij", hessian)
     return block_traces.trace().item(), ((kernel @ kernel.T) * block_traces).sum().item()
 
 
-def randomise_norms(
-    model: nn.Module, generator: torch.Generator, scale: tuple[float, float] = (0.5, 2.0)
-) -> None:
+def randomise_norms(model: nn.Module, generator: torch.Generator, scale: tuple[float, float] = (0.5, 2.0)) -> None:
     """Give every BatchNorm non-trivial running statistics and affine parameters (timm zero-inits some)."""
     lo, hi = scale
     with torch.no_grad():

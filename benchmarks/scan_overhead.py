@@ -1,0 +1,89 @@
+"""Scan time as a multiple of the model's own eval forward pass over the same batches.
+
+Same process, interleaved repetitions, medians. Random-init timm models, random images:
+
+    python benchmarks/scan_overhead.py                       # resnet50, efficientnet_b0; CPU, batch 16, 224 px
+    python benchmarks/scan_overhead.py --device cuda --batch-size 64 --models resnet50
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import timm
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import flatscan
+
+
+def timed(fn: Callable[[], object]) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(name: str, device: str, batch_size: int, img_size: int, n_batches: int, reps: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).to(device).eval()
+    batches = [
+        (torch.randn(batch_size, 3, img_size, img_size, device=device), torch.randint(0, 1000, (batch_size,)))
+        for _ in range(n_batches)
+    ]
+
+    def forward() -> None:
+        with torch.no_grad():
+            for images, _ in batches:
+                model(images)
+
+    runs = {
+        "forward": forward,
+        "trace": lambda: flatscan.scan(model, batches, device=device, trace_only=True),
+        "kappa": lambda: flatscan.scan(model, batches, device=device),
+    }
+    for run in runs.values():  # warm-up: allocator, oneDNN / cuDNN kernel choice
+        run()
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    for _ in range(reps):
+        for key, run in runs.items():
+            times[key].append(timed(run))
+    medians = {key: statistics.median(values) for key, values in times.items()}
+    return {
+        "forward_s": medians["forward"],
+        "trace_ratio": medians["trace"] / medians["forward"],
+        "kappa_ratio": medians["kappa"] / medians["forward"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet50", "efficientnet_b0"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batches", type=int, default=2, help="batches per timed run")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions (median reported)")
+    args = parser.parse_args()
+
+    table = Table(
+        title=f"scan / forward, {args.device}, batch {args.batch_size}, {args.img_size} px, "
+        f"{args.batches} batches, median of {args.reps}"
+    )
+    for column in ("model", "forward (s)", "Tr(H) only", "Tr(H) + kappa"):
+        table.add_column(column, justify="right")
+    for name in args.models:
+        r = measure(name, args.device, args.batch_size, args.img_size, args.batches, args.reps)
+        table.add_row(name, f"{r['forward_s']:.3f}", f"{r['trace_ratio']:.2f}x", f"{r['kappa_ratio']:.2f}x")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
