@@ -7,16 +7,20 @@ reason, whatever is outside the class.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from timm.layers import activations as timm_act
-from timm.layers import activations_me as timm_act_me
 from torch import Tensor, nn
 
 from flatscan.flatness import Activation
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)  # timm's activations_me calls torch.jit.script on import
+    from timm.layers import activations_me as timm_act_me
 
 
 class UnsupportedModel(Exception):
@@ -70,7 +74,7 @@ class NormalisedHead:
             "activation": self.activation.name,
             "head_type": self.head_type,
             "classifier": self.classifier,
-            "channels": str(self.channels),
+            "channels": "all" if self.channels == slice(None) else f"{self.channels.start}:{self.channels.stop}",
             "channel_scale_min": scale.min().item(),
             "channel_scale_max": scale.max().item(),
         }

@@ -237,9 +237,10 @@ def head_derivatives(head: Callable[[Tensor], Tensor], pooled: Tensor, labels: T
     def loss(h: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(head(h.unsqueeze(0)), y.unsqueeze(0))
 
-    grad = torch.func.vmap(torch.func.grad(loss))(pooled, labels)
-    hessian = torch.func.vmap(torch.func.hessian(loss))(pooled, labels)
-    return HeadDerivatives(grad, hessian=hessian)
+    grad = torch.func.grad(loss)
+    # Reverse over reverse: exact, like torch.func.hessian, without loading forward-mode AD.
+    hessian = torch.func.vmap(torch.func.jacrev(grad))(pooled, labels)
+    return HeadDerivatives(torch.func.vmap(grad)(pooled, labels), hessian=hessian)
 
 
 def hessian_trace(sqnorms: Tensor, curv: Tensor, head: HeadDerivatives) -> Tensor:
