@@ -1,0 +1,44 @@
+"""Packaging: `adapters/` ships as `flatscan.adapters`, in the wheel as in the editable install."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_maps_adapters_under_flatscan(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("flatscan-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "flatscan/adapters/__init__.py" in names and "flatscan/adapters/resnet.py" in names
+    assert "flatscan/flatness.py" in names
+    assert not [n for n in names if n.startswith("adapters/")], "a top-level adapters package was packaged"
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "flatscan = flatscan.cli:app" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_editable_install_imports_adapters_from_anywhere(tmp_path: Path) -> None:
+    # From a neutral directory: flatscan.adapters imports, a top-level `adapters` does not exist.
+    code = (
+        "import importlib.util, flatscan.adapters, flatscan.adapters.resnet; "
+        "assert importlib.util.find_spec('adapters') is None, 'top-level adapters installed'"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
