@@ -8,7 +8,8 @@ from timm.layers import NormMlpClassifierHead
 from timm.models.convnext import ConvNeXt
 from torch import Tensor, nn
 
-from flatscan.contract import NormalisedHead, Tap, UnsupportedModel, require_average_pool, require_linear
+from flatscan.contract import NormalisedHead, Tap, require_average_pool, require_linear
+from flatscan.errors import UnsupportedModel
 from flatscan.flatness import Activation
 from flatscan.registry import register
 

@@ -8,12 +8,12 @@ from torch import nn
 from flatscan.contract import (
     NormalisedHead,
     Tap,
-    UnsupportedModel,
     activation_of,
     batchnorm_scale,
     require_average_pool,
     require_linear,
 )
+from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
 
 

@@ -7,12 +7,12 @@ from timm.models.resnet import ResNet
 from flatscan.contract import (
     NormalisedHead,
     Tap,
-    UnsupportedModel,
     activation_of,
     batchnorm_scale,
     require_average_pool,
     require_linear,
 )
+from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
 
 

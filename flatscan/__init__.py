@@ -1,6 +1,7 @@
 """flatscan: exact Hessian trace and relative flatness of the feature layer of pretrained CNN classifiers."""
 
-from flatscan.contract import NormalisedHead, Tap, UnsupportedModel
+from flatscan.contract import NormalisedHead, Tap
+from flatscan.errors import FlatscanError, UnsupportedModel
 from flatscan.flatness import Activation
 from flatscan.registry import Adapter, describe, list_adapters, register
 from flatscan.scanner import ScanResult, scan
@@ -10,6 +11,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Activation",
     "Adapter",
+    "FlatscanError",
     "NormalisedHead",
     "ScanResult",
     "Tap",

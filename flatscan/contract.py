@@ -16,19 +16,12 @@ import torch
 from timm.layers import activations as timm_act
 from torch import Tensor, nn
 
+from flatscan.errors import UnsupportedModel
 from flatscan.flatness import Activation
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # timm's activations_me calls torch.jit.script on import
     from timm.layers import activations_me as timm_act_me
-
-
-class UnsupportedModel(Exception):
-    """The model is outside the class flatscan measures exactly; ``reason`` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from typing import TypeVar
 
 from torch import nn
 
-from flatscan.contract import NormalisedHead, UnsupportedModel
+from flatscan.contract import NormalisedHead
+from flatscan.errors import UnsupportedModel
 
 M = TypeVar("M", bound=nn.Module)
 

@@ -17,7 +17,8 @@ from timm.layers.conv2d_same import Conv2dSameExport
 from torch import Tensor, nn
 
 from flatscan import flatness
-from flatscan.contract import NormalisedHead, Tap, UnsupportedModel
+from flatscan.contract import NormalisedHead, Tap
+from flatscan.errors import UnsupportedModel
 from flatscan.registry import describe
 
 # Per-chunk working memory for the C x C (and classes x C) per-sample matrices of kappa.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,21 +12,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_maps_adapters_under_flatscan(tmp_path: Path) -> None:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-        ],
-        check=True,
-    )
+    # Build from a copy: setuptools writes build/ next to the sources.
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("flatscan", "adapters"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run([*pip_wheel, "-w", str(tmp_path), str(source)], check=True)
     (wheel,) = tmp_path.glob("flatscan-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "flatscan/adapters/__init__.py" in names and "flatscan/adapters/resnet.py" in names

@@ -38,6 +38,11 @@ def images_and_labels(size: int, n: int = 3, seed: int = 1) -> tuple[torch.Tenso
     )
 
 
+def tiny_mobilenet_v2(act_layer: type[nn.Module], pad_type: str = "") -> EfficientNet:
+    arch = decode_arch_def([["ds_r1_k3_s1_c8"], ["ir_r1_k3_s2_e2_c8"]])
+    return EfficientNet(arch, num_classes=CLASSES, num_features=16, stem_size=8, act_layer=act_layer, pad_type=pad_type)
+
+
 MODELS = {
     # BasicBlock ending (conv2 / bn2 / act2), deep stem, avg-down shortcut.
     "resnet_basic": lambda: timm.create_model("test_resnet", num_classes=CLASSES, channels=(8, 8, 8, 12)),
@@ -51,21 +56,8 @@ MODELS = {
     # EfficientNet: conv_head + bn2 (BatchNormAct2d, SiLU).
     "efficientnet": lambda: timm.create_model("test_efficientnet", num_classes=CLASSES, channel_multiplier=0.25),
     # MobileNetV2 layout (EfficientNet class, ReLU6), TF 'same' padding in the stem.
-    "mobilenetv2": lambda: EfficientNet(
-        decode_arch_def([["ds_r1_k3_s1_c8"], ["ir_r1_k3_s2_e2_c8"]]),
-        num_classes=CLASSES,
-        num_features=16,
-        stem_size=8,
-        act_layer=nn.ReLU6,
-        pad_type="same",
-    ),
-    "efficientnet_hardswish": lambda: EfficientNet(
-        decode_arch_def([["ds_r1_k3_s1_c8"], ["ir_r1_k3_s2_e2_c8"]]),
-        num_classes=CLASSES,
-        num_features=16,
-        stem_size=8,
-        act_layer=nn.Hardswish,
-    ),
+    "mobilenetv2": lambda: tiny_mobilenet_v2(nn.ReLU6, pad_type="same"),
+    "efficientnet_hardswish": lambda: tiny_mobilenet_v2(nn.Hardswish),
     # ConvNeXt: Linear fc2 on channels-last maps, layer scale, GAP -> LayerNorm -> Linear (general head).
     "convnext": lambda: timm.create_model(
         "test_convnext", num_classes=CLASSES, dims=(8, 8, 8, 16), depths=(1, 1, 1, 2)

@@ -1,0 +1,19 @@
+"""flatscan's exceptions: each message is one line naming the problem and the fix."""
+
+from __future__ import annotations
+
+
+class FlatscanError(Exception):
+    """Base class; the CLI prints ``str(error)`` on one line and exits with ``exit_code``."""
+
+    exit_code = 1
+
+
+class UnsupportedModel(FlatscanError):
+    """The model is outside the class flatscan measures exactly; ``reason`` says why."""
+
+    exit_code = 3
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
