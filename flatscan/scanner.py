@@ -291,6 +291,7 @@ def scan(
                     )
                 tap_dtype = tapped["pooled"].dtype
                 tapped = {key: value.to(compute_dtype) for key, value in tapped.items()}
+                tapped["pre_activation"] = tapped["pre_activation"][:, head.channels]
                 logits = logits.to(compute_dtype)
                 if n_seen == 0:
                     _check_normalisation(

@@ -181,3 +181,45 @@ def test_kappa_is_invariant_to_filter_rescaling_and_trace_is_not() -> None:
     assert relative_error(after.trace, before.trace) > 1e-2
     # And after the rescaling both still agree with autograd.
     assert_matches_autograd(model, "conv.weight", images, labels, after)
+
+
+class ConcatNet(nn.Module):
+    """DenseNet-like: the feature conv's output is concatenated after other channels, then BN + act + GAP + fc."""
+
+    def __init__(self, act: nn.Module, classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.other = nn.Conv2d(4, 3, 1)
+        self.conv = nn.Conv2d(4, 5, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = act
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.tanh(self.stem(x))
+        return self.fc(self.act(self.bn(torch.cat([self.other(a), self.conv(a)], 1))).mean((2, 3)))
+
+
+@flatscan.register("concatnet", ConcatNet)
+def describe_concatnet(model: ConcatNet) -> NormalisedHead:
+    return NormalisedHead(
+        family="concatnet",
+        feature_layer="conv",
+        pre_activation=Tap("act", "input"),
+        pooled=Tap("fc", "input"),
+        channel_scale=batchnorm_scale(model.bn, "bn")[3:],
+        activation=activation_of(model.act, "act"),
+        classifier="fc",
+        channels=slice(3, None),
+    )
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.SiLU()], ids=["relu", "silu"])
+def test_feature_layer_feeding_some_pooled_channels_matches_autograd(act: nn.Module) -> None:
+    torch.manual_seed(0)
+    model = ConcatNet(act)
+    randomise_norms(model, torch.Generator().manual_seed(0), scale=(1.0, 4.0))
+    model = model.double().eval()
+    images, labels = batch()
+    result = flatscan.scan(model, [(images, labels)], device="cpu")
+    assert_matches_autograd(model, "conv.weight", images, labels, result)
