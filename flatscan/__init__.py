@@ -1,7 +1,7 @@
 """flatscan: exact Hessian trace and relative flatness of the feature layer of pretrained CNN classifiers."""
 
 from flatscan.contract import NormalisedHead, Tap
-from flatscan.errors import FlatscanError, UnsupportedModel
+from flatscan.errors import FlatscanError, ScanError, ScanInterrupted, UnsupportedModel
 from flatscan.flatness import Activation
 from flatscan.registry import Adapter, describe, list_adapters, register
 from flatscan.scanner import ScanResult, scan
@@ -13,6 +13,8 @@ __all__ = [
     "Adapter",
     "FlatscanError",
     "NormalisedHead",
+    "ScanError",
+    "ScanInterrupted",
     "ScanResult",
     "Tap",
     "UnsupportedModel",

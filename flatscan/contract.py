@@ -39,7 +39,8 @@ class NormalisedHead:
     The tensor read at ``pre_activation`` has the pooled vector's channel layout, and its channels
     ``channels`` are ``v = channel_scale * feature_layer(A) + shift + residual`` (all of them, unless the
     feature layer feeds only some pooled channels, as in DenseNet). ``h = mean over positions of
-    activation(v)`` is ``h[:, channels]`` of the pooled vector read at ``pooled``; logits are ``classifier(h)`` (linear head, ``head_fn`` None) or ``head_fn(h)``.
+    activation(v)`` is ``h[:, channels]`` of the pooled vector read at ``pooled``; logits are
+    ``classifier(h)`` (linear head, ``head_fn`` None) or ``head_fn(h)``.
     ``classifier`` is the final Linear layer, whose input the classifier-layer flatness uses.
     """
 

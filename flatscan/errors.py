@@ -17,3 +17,18 @@ class UnsupportedModel(FlatscanError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class ScanError(FlatscanError):
+    """The evaluation data cannot be scanned (no samples, labels outside the model's classes)."""
+
+
+class ScanInterrupted(FlatscanError):
+    """The scan was interrupted (Ctrl-C); ``partial`` holds the result over the samples finished so far."""
+
+    exit_code = 130
+
+    def __init__(self, partial: object | None) -> None:
+        n = getattr(partial, "n_samples", 0)
+        super().__init__(f"interrupted after {n} samples" + ("; partial result kept" if partial else ""))
+        self.partial = partial

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from flatscan import flatness
 from flatscan.contract import NormalisedHead, Tap
-from flatscan.errors import UnsupportedModel
+from flatscan.errors import ScanError, ScanInterrupted, UnsupportedModel
 from flatscan.registry import describe
 
 # Per-chunk working memory for the C x C (and classes x C) per-sample matrices of kappa.
@@ -179,7 +179,8 @@ def _check_normalisation(
     head: NormalisedHead, pre_activation: Tensor, pooled: Tensor, logits: Tensor, tap_dtype: torch.dtype
 ) -> None:
     """Refuse a model whose pooled vector (or logits) the normalised head does not reproduce."""
-    tolerance = 1e3 * torch.finfo(tap_dtype).eps
+    # Loose enough for the rounding of a half-precision (--amp) forward, tight enough to catch a wrong head.
+    tolerance = min(1e3 * torch.finfo(tap_dtype).eps, 2e-2)
     got = pooled[:, head.channels]
     expected = head.activation(pre_activation).mean(-1)
     if (expected - got).abs().max() > tolerance * (1 + got.abs().max()):
@@ -233,19 +234,49 @@ def _measure(
     return out
 
 
+def _result(
+    model: nn.Module, head: NormalisedHead, moments: dict[str, _Moments], device: torch.device, seconds: float
+) -> ScanResult:
+    kappa = moments.get("relative_flatness")
+    return ScanResult(
+        architecture=getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__,
+        family=head.family,
+        feature_layer=head.feature_layer,
+        activation=head.activation.name,
+        head_type=head.head_type,
+        n_samples=moments["loss"].count,
+        trace=moments["trace"].mean,
+        trace_se=moments["trace"].se,
+        relative_flatness=None if kappa is None else kappa.mean,
+        relative_flatness_se=None if kappa is None else kappa.se,
+        classifier_flatness=moments["classifier_flatness"].mean,
+        classifier_flatness_se=moments["classifier_flatness"].se,
+        loss=moments["loss"].mean,
+        loss_se=moments["loss"].se,
+        accuracy=moments["correct"].mean,
+        device=str(device),
+        seconds=seconds,
+    )
+
+
 def scan(
     model: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
     device: str | torch.device | None = None,
     max_samples: int | None = None,
     trace_only: bool = False,
+    amp: bool = False,
+    on_batch: Callable[[ScanResult], bool | None] | None = None,
 ) -> ScanResult:
     """Exact Tr(H), relative flatness and classifier flatness of ``model``'s feature layer over ``batches``.
 
     ``batches`` yields (images, labels) in the model's preprocessing. The model is moved to ``device``
     (default: CUDA when available) and run once per batch in eval mode without an autograd graph; its
-    dtype is kept (float64 models are measured in float64 end to end). Raises
-    :class:`UnsupportedModel` with the reason for a model outside the supported class.
+    dtype is kept (float64 models are measured in float64 end to end). ``amp`` runs the model's forward
+    under autocast (bfloat16 on CPU, float16 on CUDA); the measure's own math stays in float32 or
+    float64. ``on_batch`` is called with the running result after every batch; returning True stops
+    the stream there. Raises :class:`UnsupportedModel` with the reason for a model outside the supported
+    class, and :class:`ScanInterrupted` holding the partial result on Ctrl-C.
     """
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be positive, got {max_samples}")
@@ -274,6 +305,7 @@ def scan(
     moments = {name: _Moments() for name in names}
     channels, classes = kernel.shape[0], const.classifier_weight.shape[0]
     chunk = max(1, _CHUNK_BYTES // (channels * max(channels, classes) * kernel.element_size() * 3))
+    autocast = partial(torch.autocast, dev.type, torch.bfloat16 if dev.type == "cpu" else torch.float16)
     start, n_seen = time.perf_counter(), 0
     try:
         with _recording(model, taps) as recorder, torch.no_grad():
@@ -282,10 +314,11 @@ def scan(
                     images, labels = images[: max_samples - n_seen], labels[: max_samples - n_seen]
                 images = images.to(dev, param_dtype if images.is_floating_point() else None)
                 labels = labels.to(dev)
-                logits, tapped = recorder.forward(model, images)
+                with autocast() if amp else nullcontext():
+                    logits, tapped = recorder.forward(model, images)
                 if labels.min() < 0 or labels.max() >= logits.shape[1]:
                     bad = labels[(labels < 0) | (labels >= logits.shape[1])][0].item()
-                    raise ValueError(
+                    raise ScanError(
                         f"label {bad} is outside the model's {logits.shape[1]} classes; "
                         "map the dataset's labels to the model's classes"
                     )
@@ -295,48 +328,24 @@ def scan(
                 logits = logits.to(compute_dtype)
                 if n_seen == 0:
                     _check_normalisation(
-                        head,
-                        tapped["pre_activation"].flatten(2),
-                        tapped["pooled"].flatten(1),
-                        logits,
-                        tap_dtype,
+                        head, tapped["pre_activation"].flatten(2), tapped["pooled"].flatten(1), logits, tap_dtype
                     )
                 for lo in range(0, labels.shape[0], chunk):
                     part = slice(lo, lo + chunk)
-                    values = _measure(
-                        head,
-                        const,
-                        {k: v[part] for k, v in tapped.items()},
-                        logits[part],
-                        labels[part],
-                        trace_only,
-                    )
+                    parts = {key: value[part] for key, value in tapped.items()}
+                    values = _measure(head, const, parts, logits[part], labels[part], trace_only)
                     for name, value in values.items():
                         moments[name].add(value)
                 n_seen += labels.shape[0]
+                if on_batch is not None and on_batch(_result(model, head, moments, dev, time.perf_counter() - start)):
+                    break
                 if max_samples is not None and n_seen >= max_samples:
                     break
+    except KeyboardInterrupt:
+        partial_result = _result(model, head, moments, dev, time.perf_counter() - start) if n_seen else None
+        raise ScanInterrupted(partial_result) from None
     finally:
         model.train(was_training)
     if n_seen == 0:
-        raise ValueError("the evaluation data yielded no samples")
-    kappa = moments.get("relative_flatness")
-    return ScanResult(
-        architecture=getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__,
-        family=head.family,
-        feature_layer=head.feature_layer,
-        activation=head.activation.name,
-        head_type=head.head_type,
-        n_samples=n_seen,
-        trace=moments["trace"].mean,
-        trace_se=moments["trace"].se,
-        relative_flatness=None if kappa is None else kappa.mean,
-        relative_flatness_se=None if kappa is None else kappa.se,
-        classifier_flatness=moments["classifier_flatness"].mean,
-        classifier_flatness_se=moments["classifier_flatness"].se,
-        loss=moments["loss"].mean,
-        loss_se=moments["loss"].se,
-        accuracy=moments["correct"].mean,
-        device=str(dev),
-        seconds=time.perf_counter() - start,
-    )
+        raise ScanError("the evaluation data yielded no samples; check the dataset, split and --num-samples")
+    return _result(model, head, moments, dev, time.perf_counter() - start)

@@ -89,14 +89,14 @@ def test_label_outside_classes_is_a_clear_error_and_hooks_are_removed() -> None:
     model.train()
     images, labels = make_batches(1)[0]
     labels[2] = CLASSES + 3
-    with pytest.raises(ValueError, match=f"label {CLASSES + 3} is outside the model's {CLASSES} classes"):
+    with pytest.raises(flatscan.ScanError, match=f"label {CLASSES + 3} is outside the model's {CLASSES} classes"):
         flatscan.scan(model, [(images, labels)], device="cpu")
     assert hook_count(model) == 0
     assert model.training  # the caller's mode is restored, even on error
 
 
 def test_no_samples_is_an_error() -> None:
-    with pytest.raises(ValueError, match="no samples"):
+    with pytest.raises(flatscan.ScanError, match="no samples"):
         flatscan.scan(small_resnet(), [], device="cpu")
     with pytest.raises(ValueError, match="max_samples must be positive"):
         flatscan.scan(small_resnet(), make_batches(), device="cpu", max_samples=0)
@@ -148,6 +148,43 @@ def test_a_wrong_adapter_is_caught_before_measuring() -> None:
 def test_registered_adapters_cover_the_first_families() -> None:
     families = {adapter.family for adapter in flatscan.list_adapters()}
     assert {"resnet", "efficientnet", "convnext"} <= families
+
+
+def test_on_batch_sees_the_running_result_and_can_stop() -> None:
+    seen: list[int] = []
+
+    def stop_after_two(running: flatscan.ScanResult) -> bool:
+        seen.append(running.n_samples)
+        return len(seen) == 2
+
+    result = flatscan.scan(small_resnet(), make_batches(), device="cpu", on_batch=stop_after_two)
+    assert seen == [4, 8]
+    assert result.n_samples == 8
+
+
+def test_ctrl_c_keeps_the_partial_result() -> None:
+    batches = make_batches()
+
+    def interrupted_stream():
+        yield from batches[:2]
+        raise KeyboardInterrupt
+
+    model = small_resnet()
+    with pytest.raises(flatscan.ScanInterrupted, match="interrupted after 8 samples") as info:
+        flatscan.scan(model, interrupted_stream(), device="cpu")
+    partial = info.value.partial
+    assert partial is not None and partial.n_samples == 8
+    assert partial.trace == pytest.approx(flatscan.scan(small_resnet(), batches[:2], device="cpu").trace, rel=1e-12)
+    assert hook_count(model) == 0
+
+
+def test_amp_forward_keeps_the_measure_close() -> None:
+    batches32 = [(x.float(), y) for x, y in make_batches()]
+    exact = flatscan.scan(small_resnet(torch.float32), batches32, device="cpu")
+    amp = flatscan.scan(small_resnet(torch.float32), batches32, device="cpu", amp=True)
+    # bfloat16 keeps ~3 significant digits of each activation.
+    assert relative_error(amp.relative_flatness, exact.relative_flatness) < 5e-2
+    assert relative_error(amp.trace, exact.trace) < 5e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
