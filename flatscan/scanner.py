@@ -44,6 +44,7 @@ class ScanResult:
     loss: float
     loss_se: float
     accuracy: float
+    accuracy_top5: float
     device: str
     seconds: float
 
@@ -159,9 +160,11 @@ def feature_patches(layer: nn.Module, inputs: Tensor) -> Tensor:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device``, or CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``device``; None or "auto": CUDA when available, then MPS, else CPU."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     return torch.device(device)
 
 
@@ -227,6 +230,7 @@ def _measure(
         ),
         "loss": F.cross_entropy(logits, labels, reduction="none").double(),
         "correct": (logits.argmax(1) == labels).double(),
+        "correct_top5": (logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]).any(1).double(),
     }
     if not trace_only:
         grad_gram = flatness.gradient_gram(slopes, patches, scale)
@@ -254,6 +258,7 @@ def _result(
         loss=moments["loss"].mean,
         loss_se=moments["loss"].se,
         accuracy=moments["correct"].mean,
+        accuracy_top5=moments["correct_top5"].mean,
         device=str(device),
         seconds=seconds,
     )
@@ -301,7 +306,8 @@ def scan(
         "pooled": head.pooled,
         "classifier_input": Tap(head.classifier, "input"),
     }
-    names = ["trace", "classifier_flatness", "loss", "correct"] + ([] if trace_only else ["relative_flatness"])
+    names = ["trace", "classifier_flatness", "loss", "correct", "correct_top5"]
+    names += [] if trace_only else ["relative_flatness"]
     moments = {name: _Moments() for name in names}
     channels, classes = kernel.shape[0], const.classifier_weight.shape[0]
     chunk = max(1, _CHUNK_BYTES // (channels * max(channels, classes) * kernel.element_size() * 3))

@@ -12,7 +12,7 @@ import flatscan
 from flatscan.contract import NormalisedHead, Tap, batchnorm_scale
 from flatscan.flatness import Activation
 
-CLASSES = 5
+CLASSES = 8
 
 
 def small_resnet(dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -51,6 +51,8 @@ def test_result_fields_and_dict() -> None:
     expected_loss = nn.functional.cross_entropy(logits, labels).item()
     assert relative_error(result.loss, expected_loss) <= 1e-12
     assert result.accuracy == pytest.approx((logits.argmax(1) == labels).double().mean().item())
+    top5 = (logits.argsort(1, descending=True)[:, :5] == labels[:, None]).any(1).double().mean().item()
+    assert result.accuracy_top5 == pytest.approx(top5) and result.accuracy_top5 >= result.accuracy
 
 
 def test_max_samples_truncates_the_stream() -> None:
