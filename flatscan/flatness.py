@@ -216,6 +216,15 @@ class HeadDerivatives:
         factor = self.probs.sqrt().to(q.dtype).unsqueeze(-1) * (self.weight - mean_row.unsqueeze(1))
         return ((factor @ q) * factor).sum((1, 2), dtype=torch.float64)
 
+    def matrix(self) -> Tensor:
+        """B itself, shape (N, C, C); formed only for checks (``flatscan.verify``)."""
+        if self.hessian is not None:
+            return self.hessian
+        assert self.probs is not None and self.weight is not None
+        weight = self.weight.double()
+        mean_row = self.probs @ weight
+        return torch.einsum("nk,kc,kd->ncd", self.probs, weight, weight) - mean_row[:, :, None] * mean_row[:, None, :]
+
     def select(self, channels: slice) -> HeadDerivatives:
         """Restrict to the pooled channels the feature layer feeds."""
         if self.hessian is not None:
@@ -246,6 +255,11 @@ def head_derivatives(head: Callable[[Tensor], Tensor], pooled: Tensor, labels: T
 def hessian_trace(sqnorms: Tensor, curv: Tensor, head: HeadDerivatives) -> Tensor:
     """Tr(H) = sum_c B_cc ||g_c||^2 + sum_c e_c curv_c, per sample, float64."""
     return (head.diagonal() * sqnorms).sum(1, dtype=torch.float64) + (head.grad * curv).sum(1, dtype=torch.float64)
+
+
+def block_traces(grad_gram: Tensor, curv: Tensor, head: HeadDerivatives) -> Tensor:
+    """Tr(H_cc') = B_cc' <g_c, g_c'> + [c == c'] e_c curv_c per sample, shape (N, C, C), float64."""
+    return head.matrix() * grad_gram.double() + torch.diag_embed(head.grad.double() * curv.double())
 
 
 def relative_flatness(kernel_gram: Tensor, grad_gram: Tensor, curv: Tensor, head: HeadDerivatives) -> Tensor:

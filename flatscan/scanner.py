@@ -198,15 +198,49 @@ def _check_normalisation(
             raise UnsupportedModel(f"the {head.family} adapter's head function does not reproduce the logits")
 
 
-def _measure(
-    head: NormalisedHead,
-    const: _Constants,
-    tapped: dict[str, Tensor],
-    logits: Tensor,
-    labels: Tensor,
-    trace_only: bool,
-) -> dict[str, Tensor]:
-    """Per-sample measures (float64) of one chunk of samples."""
+def _prepare(
+    head: NormalisedHead, tapped: dict[str, Tensor], logits: Tensor, dtype: torch.dtype
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Tapped tensors and logits in the compute dtype; the pre-activation cut to the feature layer's channels."""
+    tapped = {key: value.to(dtype) for key, value in tapped.items()}
+    tapped["pre_activation"] = tapped["pre_activation"][:, head.channels]
+    return tapped, logits.to(dtype)
+
+
+def _constants(model: nn.Module, head: NormalisedHead, device: torch.device, dtype: torch.dtype) -> _Constants:
+    modules = dict(model.named_modules())
+    feature_layer = modules[head.feature_layer]
+    kernel = feature_layer.weight.detach().to(dtype).flatten(1)
+    return _Constants(
+        feature_layer=feature_layer,
+        classifier_weight=modules[head.classifier].weight.detach().to(dtype),
+        channel_scale=head.channel_scale.to(device, dtype),
+        kernel_gram=kernel @ kernel.T,
+    )
+
+
+def _taps(head: NormalisedHead) -> dict[str, Tap]:
+    return {
+        "features": Tap(head.feature_layer, "input"),
+        "pre_activation": head.pre_activation,
+        "pooled": head.pooled,
+        "classifier_input": Tap(head.classifier, "input"),
+    }
+
+
+@dataclass(frozen=True)
+class _Terms:
+    """Per-sample ingredients of the closed form: patches P, sigma'(v), curv_c, and e, B of the head."""
+
+    patches: Tensor
+    slopes: Tensor
+    curv: Tensor
+    derivatives: flatness.HeadDerivatives
+
+
+def _terms(
+    head: NormalisedHead, const: _Constants, tapped: dict[str, Tensor], logits: Tensor, labels: Tensor
+) -> _Terms:
     scale = const.channel_scale
     pre_activation = tapped["pre_activation"].flatten(2)
     patches = feature_patches(const.feature_layer, tapped["features"])
@@ -220,11 +254,24 @@ def _measure(
         derivatives = flatness.linear_head_derivatives(logits, labels, const.classifier_weight)
     else:
         derivatives = flatness.head_derivatives(head.head_fn, tapped["pooled"].flatten(1), labels)
-    derivatives = derivatives.select(head.channels)
     curv = flatness.curvature(curvatures, patches, scale)
-    sqnorms = flatness.gradient_sqnorms(slopes, patches, scale)
+    return _Terms(patches, slopes, curv, derivatives.select(head.channels))
+
+
+def _measure(
+    head: NormalisedHead,
+    const: _Constants,
+    tapped: dict[str, Tensor],
+    logits: Tensor,
+    labels: Tensor,
+    trace_only: bool,
+) -> dict[str, Tensor]:
+    """Per-sample measures (float64) of one chunk of samples."""
+    terms = _terms(head, const, tapped, logits, labels)
+    scale = const.channel_scale
+    sqnorms = flatness.gradient_sqnorms(terms.slopes, terms.patches, scale)
     out = {
-        "trace": flatness.hessian_trace(sqnorms, curv, derivatives),
+        "trace": flatness.hessian_trace(sqnorms, terms.curv, terms.derivatives),
         "classifier_flatness": flatness.classifier_flatness(
             tapped["classifier_input"].flatten(1), logits, const.classifier_weight
         ),
@@ -233,8 +280,10 @@ def _measure(
         "correct_top5": (logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]).any(1).double(),
     }
     if not trace_only:
-        grad_gram = flatness.gradient_gram(slopes, patches, scale)
-        out["relative_flatness"] = flatness.relative_flatness(const.kernel_gram, grad_gram, curv, derivatives)
+        grad_gram = flatness.gradient_gram(terms.slopes, terms.patches, scale)
+        out["relative_flatness"] = flatness.relative_flatness(
+            const.kernel_gram, grad_gram, terms.curv, terms.derivatives
+        )
     return out
 
 
@@ -287,34 +336,20 @@ def scan(
         raise ValueError(f"max_samples must be positive, got {max_samples}")
     head = describe(model)
     dev = resolve_device(device)
-    modules = dict(model.named_modules())
     param_dtype = next(model.parameters()).dtype
     compute_dtype = torch.promote_types(param_dtype, torch.float32)
     was_training = model.training
     model.to(dev).eval()
-    feature_layer = modules[head.feature_layer]
-    kernel = feature_layer.weight.detach().to(compute_dtype).flatten(1)
-    const = _Constants(
-        feature_layer=feature_layer,
-        classifier_weight=modules[head.classifier].weight.detach().to(compute_dtype),
-        channel_scale=head.channel_scale.to(dev, compute_dtype),
-        kernel_gram=kernel @ kernel.T,
-    )
-    taps = {
-        "features": Tap(head.feature_layer, "input"),
-        "pre_activation": head.pre_activation,
-        "pooled": head.pooled,
-        "classifier_input": Tap(head.classifier, "input"),
-    }
+    const = _constants(model, head, dev, compute_dtype)
     names = ["trace", "classifier_flatness", "loss", "correct", "correct_top5"]
     names += [] if trace_only else ["relative_flatness"]
     moments = {name: _Moments() for name in names}
-    channels, classes = kernel.shape[0], const.classifier_weight.shape[0]
-    chunk = max(1, _CHUNK_BYTES // (channels * max(channels, classes) * kernel.element_size() * 3))
+    channels, classes = const.kernel_gram.shape[0], const.classifier_weight.shape[0]
+    chunk = max(1, _CHUNK_BYTES // (channels * max(channels, classes) * const.kernel_gram.element_size() * 3))
     autocast = partial(torch.autocast, dev.type, torch.bfloat16 if dev.type == "cpu" else torch.float16)
     start, n_seen = time.perf_counter(), 0
     try:
-        with _recording(model, taps) as recorder, torch.no_grad():
+        with _recording(model, _taps(head)) as recorder, torch.no_grad():
             for images, labels in batches:
                 if max_samples is not None:
                     images, labels = images[: max_samples - n_seen], labels[: max_samples - n_seen]
@@ -329,9 +364,7 @@ def scan(
                         "map the dataset's labels to the model's classes"
                     )
                 tap_dtype = tapped["pooled"].dtype
-                tapped = {key: value.to(compute_dtype) for key, value in tapped.items()}
-                tapped["pre_activation"] = tapped["pre_activation"][:, head.channels]
-                logits = logits.to(compute_dtype)
+                tapped, logits = _prepare(head, tapped, logits, compute_dtype)
                 if n_seen == 0:
                     _check_normalisation(
                         head, tapped["pre_activation"].flatten(2), tapped["pooled"].flatten(1), logits, tap_dtype

@@ -1,0 +1,156 @@
+"""An independent certificate for one model: closed-form block traces Tr(H_cc') against autograd.
+
+The closed form goes through the adapter's normalised head; the reference differentiates the real
+model graph twice with respect to the feature layer's kernel (Hessian-vector products, everything
+before the feature layer constant). Agreement means the adapter normalised the head correctly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flatscan import flatness
+from flatscan.contract import NormalisedHead
+from flatscan.registry import describe
+from flatscan.scanner import _check_normalisation, _constants, _prepare, _recording, _taps, _terms
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Sampled (c, c') pairs with both values of Tr(H_cc') for the batch's mean loss, in float64."""
+
+    feature_layer: str
+    pairs: list[tuple[int, int]]
+    closed_form: list[float]
+    autograd: list[float]
+    max_relative_error: float
+    tolerance: float
+    downstream_layers: list[str]  # weight layers fed by the feature layer outside the normalised head
+
+    @property
+    def passed(self) -> bool:
+        return self.max_relative_error <= self.tolerance and not self.downstream_layers
+
+    def to_dict(self) -> dict[str, object]:
+        return {**asdict(self), "passed": self.passed}
+
+
+def _head_modules(model: nn.Module, head: NormalisedHead, pooled: Tensor) -> set[str]:
+    """Names of the modules the normalised head runs (the classifier; for a general head, all it calls)."""
+    used = {head.classifier}
+    if head.head_fn is not None:
+        handles = [
+            module.register_forward_pre_hook(lambda *_, name=name: used.add(name))
+            for name, module in model.named_modules()
+        ]
+        try:
+            with torch.no_grad():
+                head.head_fn(pooled)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return used
+
+
+def _downstream_weight_layers(model: nn.Module, head: NormalisedHead, images: Tensor, exempt: set[str]) -> list[str]:
+    """Conv/Linear layers whose input depends on the feature layer's output, except ``exempt``.
+
+    Found by data flow, not by execution order: a shortcut conv that runs after the feature layer
+    (ResNet's downsample) does not depend on it and is not reported.
+    """
+    modules = dict(model.named_modules())
+    fed: list[str] = []
+
+    def note_if_fed(name: str, _module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        if args[0].requires_grad:
+            fed.append(name)
+
+    # The feature layer's output becomes the only tensor that requires grad (parameters do not).
+    handles = [modules[head.feature_layer].register_forward_hook(lambda _m, _a, out: out.detach().requires_grad_(True))]
+    for name, module in modules.items():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and name != head.feature_layer and name not in exempt:
+            handles.append(module.register_forward_pre_hook(partial(note_if_fed, name)))
+    try:
+        with torch.enable_grad():
+            model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return fed
+
+
+def _autograd_block_traces(
+    model: nn.Module, weight_name: str, images: Tensor, labels: Tensor, columns: list[int]
+) -> Tensor:
+    """Tr(H_cc') for all c and each c' in ``columns``, shape (C, len(columns)), by D Hessian-vector products each."""
+    weight = dict(model.named_parameters())[weight_name].detach()
+
+    def loss(w: Tensor) -> Tensor:
+        return F.cross_entropy(torch.func.functional_call(model, {weight_name: w}, (images,)), labels)
+
+    _, hvp = torch.func.vjp(torch.func.grad(loss), weight)
+    channels, dim = weight.shape[0], weight[0].numel()
+    out = []
+    for column in columns:
+        basis = torch.zeros(dim, channels, dim, dtype=weight.dtype)
+        basis[torch.arange(dim), column, torch.arange(dim)] = 1.0  # e_(c', d) for d = 1..D
+        (products,) = torch.func.vmap(hvp, chunk_size=256)(basis.view(dim, *weight.shape))
+        out.append(torch.einsum("dcd->c", products.reshape(dim, channels, dim)))
+    return torch.stack(out, dim=1)
+
+
+def verify(
+    model: nn.Module, batch: tuple[Tensor, Tensor], pairs: int = 16, seed: int = 0, tolerance: float = 1e-8
+) -> VerifyResult:
+    """Compare closed-form and autograd Tr(H_cc') on ``pairs`` sampled filter pairs, in float64 on CPU.
+
+    The model is copied (the caller's is untouched). Raises :class:`UnsupportedModel` as ``scan`` does.
+    """
+    model = copy.deepcopy(model).to("cpu", torch.float64).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    head = describe(model)
+    images, labels = batch[0].to("cpu", torch.float64), batch[1].to("cpu")
+    const = _constants(model, head, torch.device("cpu"), torch.float64)
+    with _recording(model, _taps(head)) as recorder, torch.no_grad():
+        logits, tapped = recorder.forward(model, images)
+    tapped, logits = _prepare(head, tapped, logits, torch.float64)
+    _check_normalisation(head, tapped["pre_activation"].flatten(2), tapped["pooled"].flatten(1), logits, torch.float64)
+    terms = _terms(head, const, tapped, logits, labels)
+    grad_gram = flatness.gradient_gram(terms.slopes, terms.patches, const.channel_scale)
+    closed = flatness.block_traces(grad_gram, terms.curv, terms.derivatives).mean(0)
+
+    generator = torch.Generator().manual_seed(seed)
+    channels = closed.shape[0]
+    n_columns = min(channels, max(1, math.ceil(pairs / 4)))
+    columns = torch.randperm(channels, generator=generator)[:n_columns].tolist()
+    reference = _autograd_block_traces(model, f"{head.feature_layer}.weight", images, labels, columns)
+    sampled: list[tuple[int, int]] = []
+    for j, column in enumerate(columns):
+        # The diagonal pair checks the curvature term; the others the cross term.
+        others = [c for c in torch.randperm(channels, generator=generator).tolist() if c != column]
+        rows = [column, *others][: max(1, math.ceil(pairs / n_columns))]
+        sampled += [(row, j) for row in rows]
+    sampled = sampled[:pairs]
+    closed_values = [closed[row, columns[j]].item() for row, j in sampled]
+    autograd_values = [reference[row, j].item() for row, j in sampled]
+    floor = 1e-9 * max(abs(v) for v in autograd_values) or 1e-300
+    errors = [abs(a - b) / max(abs(b), floor) for a, b in zip(closed_values, autograd_values, strict=True)]
+    return VerifyResult(
+        feature_layer=head.feature_layer,
+        pairs=[(row, columns[j]) for row, j in sampled],
+        closed_form=closed_values,
+        autograd=autograd_values,
+        max_relative_error=max(errors),
+        tolerance=tolerance,
+        downstream_layers=_downstream_weight_layers(
+            model, head, images, _head_modules(model, head, tapped["pooled"].flatten(1))
+        ),
+    )
