@@ -5,6 +5,7 @@ from flatscan.errors import FlatscanError, ScanError, ScanInterrupted, Unsupport
 from flatscan.flatness import Activation
 from flatscan.registry import Adapter, describe, list_adapters, register
 from flatscan.scanner import ScanResult, scan
+from flatscan.verify import VerifyResult, verify
 
 __version__ = "0.1.0"
 
@@ -18,9 +19,11 @@ __all__ = [
     "ScanResult",
     "Tap",
     "UnsupportedModel",
+    "VerifyResult",
     "__version__",
     "describe",
     "list_adapters",
     "register",
     "scan",
+    "verify",
 ]
