@@ -15,7 +15,7 @@ from flatscan.verify import verify
 CLASSES = 6
 
 
-def images_and_labels(n: int = 3, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def images_and_labels(n: int = 4, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(5)
     return torch.randn(n, 3, size, size, generator=generator), torch.randint(0, CLASSES, (n,), generator=generator)
 
