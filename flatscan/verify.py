@@ -21,8 +21,8 @@ from flatscan.contract import NormalisedHead
 from flatscan.registry import describe
 from flatscan.scanner import _check_normalisation, _constants, _prepare, _recording, _taps, _terms
 
-# Hessian-vector products evaluated together (memory: chunk x rows x D).
-_HVP_CHUNK = 128
+# One-hot filters pushed through the feature layer together (memory: chunk x one output channel).
+_RESPONSE_CHUNK = 512
 # Relative errors are taken against the entry or, for entries near zero, this fraction of the largest one.
 _ERROR_FLOOR = 1e-4
 
@@ -94,33 +94,97 @@ def _downstream_weight_layers(model: nn.Module, head: NormalisedHead, images: Te
     return fed
 
 
-def _autograd_block_traces(
-    model: nn.Module, weight_name: str, images: Tensor, labels: Tensor, column: int, rows: list[int]
-) -> Tensor:
-    """Tr(H_{r,column}) for each r in ``rows`` by Hessian-vector products through the real model, shape (len(rows),).
+def _basis_responses(layer: nn.Module, inputs: Tensor, column: int, coords: Tensor) -> Tensor:
+    """d z / d K_{column, d} for d in ``coords``: the layer's own op (padding, stride, dilation) on one-hot filters.
 
-    The kernel is perturbed only along the filters involved (alpha on ``rows``, beta on ``column``), so each
-    product is a D-vector: Tr(H_{r,c'}) = sum_d d2 loss / d alpha_{r,d} d beta_d.
+    Shape (N, len(coords), H', W') for a conv, (N, ..., len(coords)) for a channels-last Linear.
     """
-    weight = dict(model.named_parameters())[weight_name].detach()
-    flat = weight.reshape(weight.shape[0], -1)
-    dim = flat.shape[1]
-    row_index, column_index = torch.tensor(rows), torch.tensor([column])
+    weight = layer.weight
+    basis = torch.zeros(len(coords), weight[0].numel(), dtype=weight.dtype)
+    basis[torch.arange(len(coords)), coords] = 1.0
+    if isinstance(layer, nn.Conv2d) and layer.groups > 1:
+        # Filter `column` sees only its group's input channels: run the op on those, ungrouped.
+        group = column // (weight.shape[0] // layer.groups)
+        inputs = inputs[:, group * weight.shape[1] : (group + 1) * weight.shape[1]]
+        layer = copy.copy(layer)
+        layer.groups = 1
+    params = {"weight": basis.view(len(coords), *weight.shape[1:])}
+    if getattr(layer, "bias", None) is not None:
+        params["bias"] = basis.new_zeros(len(coords))
+    return torch.func.functional_call(layer, params, (inputs,))
 
-    def loss(alpha: Tensor, beta: Tensor) -> Tensor:
-        kernel = flat.index_add(0, row_index, alpha).index_add(0, column_index, beta.unsqueeze(0))
-        logits = torch.func.functional_call(model, {weight_name: kernel.view_as(weight)}, (images,))
-        return F.cross_entropy(logits, labels)
 
-    grad_beta = torch.func.grad(loss, argnums=1)
-    _, mixed = torch.func.vjp(lambda alpha: grad_beta(alpha, flat.new_zeros(dim)), flat.new_zeros(len(rows), dim))
-    traces = flat.new_zeros(len(rows))
-    for start in range(0, dim, _HVP_CHUNK):
-        d = torch.arange(start, min(start + _HVP_CHUNK, dim))
-        basis = flat.new_zeros(len(d), dim)
-        basis[torch.arange(len(d)), d] = 1.0
-        (block,) = torch.func.vmap(mixed)(basis)  # (chunk, rows, D): d/d alpha of d loss / d beta_d
-        traces += block[torch.arange(len(d)), :, d].sum(0)
+def _autograd_block_traces(
+    model: nn.Module, feature_layer: str, images: Tensor, labels: Tensor, column: int, rows: list[int]
+) -> Tensor:
+    """Tr(H_{r,column}) for each r in ``rows``, shape (len(rows),), through the real model graph.
+
+    The loss is taken as a function of the feature layer's output z (the layer's output is replaced by z,
+    so nothing before it is differentiated), and the kernel enters z linearly through the layer's own op J:
+    H = J^T M J with M = d2 loss / dz2, and filter c' moves only channel c' of z. So
+
+        Tr(H_{r,c'}) = sum_d <J e_{r,d}, M J e_{c',d}>                                  (D products with M)
+                     = sum_{(n,p),(m,q)} M[(n,r,p), (m,c',q)] sum_d J_d[n,p] J_d[m,q]     (N x L products)
+
+    whichever needs fewer Hessian-vector products of the model's tail.
+    """
+    layer = dict(model.named_modules())[feature_layer]
+    captured: dict[str, Tensor] = {}
+    handle = layer.register_forward_hook(lambda _m, args, out: captured.update(inputs=args[0], output=out.clone()))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    inputs, output = captured["inputs"], captured["output"]
+    channel_axis = 1 if isinstance(layer, nn.Conv2d) else output.dim() - 1
+    n, channels = output.shape[0], output.shape[channel_axis]
+    spatial = output.movedim(channel_axis, 1).shape[2:]
+    positions, dim = math.prod(spatial), layer.weight[0].numel()
+
+    def channel_first(z: Tensor) -> Tensor:  # (N, C, L) view of a tensor in the layer's output layout
+        return z.movedim(channel_axis, 1).flatten(2)
+
+    def in_channel(values: Tensor) -> Tensor:  # (N, L) values placed in channel `column`, in the output layout
+        tangent = output.new_zeros(n, channels, positions)
+        tangent[:, column] = values
+        return tangent.view(n, channels, *spatial).movedim(1, channel_axis)
+
+    def responses(coords: Tensor) -> Tensor:  # J e_{c',d} restricted to channel c': (N, len(coords), L)
+        return channel_first(_basis_responses(layer, inputs, column, coords))
+
+    replacement: dict[str, Tensor] = {}
+    # Replace the layer's output only while the loss is traced (not in `responses`), and by a copy, so
+    # in-place activations after the layer (ReLU(inplace=True)) do not write into z.
+    handle = layer.register_forward_hook(lambda *_: replacement["z"].clone() if replacement else None)
+
+    def loss(z: Tensor) -> Tensor:
+        replacement["z"] = z
+        return F.cross_entropy(model(images), labels)
+
+    try:
+        _, vjp = torch.func.vjp(torch.func.grad(loss), output)
+        replacement.clear()
+
+        def hvp(tangent: Tensor) -> Tensor:  # (M tangent) in channel-first layout, rows only: (N, R, L)
+            return channel_first(vjp(tangent)[0])[:, rows]
+
+        traces = output.new_zeros(len(rows))
+        if dim <= n * positions:
+            for start in range(0, dim, _RESPONSE_CHUNK):
+                chunk = responses(torch.arange(start, min(start + _RESPONSE_CHUNK, dim)))
+                for d in range(chunk.shape[1]):
+                    traces += torch.einsum("nrp,np->r", hvp(in_channel(chunk[:, d])), chunk[:, d])
+        else:
+            gram = output.new_zeros(n, positions, n, positions)
+            for start in range(0, dim, _RESPONSE_CHUNK):
+                chunk = responses(torch.arange(start, min(start + _RESPONSE_CHUNK, dim)))
+                gram += torch.einsum("ndp,mdq->npmq", chunk, chunk)
+            for sample in range(n):
+                for position in range(positions):
+                    one_hot = output.new_zeros(n, positions)
+                    one_hot[sample, position] = 1.0
+                    traces += torch.einsum("nrp,np->r", hvp(in_channel(one_hot)), gram[:, :, sample, position])
+    finally:
+        handle.remove()
     return traces
 
 
@@ -149,7 +213,6 @@ def verify(
     channels = closed.shape[0]
     n_columns = min(channels, max(1, math.ceil(pairs / 4)))
     per_column = max(1, math.ceil(pairs / n_columns))
-    weight_name = f"{head.feature_layer}.weight"
     sampled: list[tuple[int, int]] = []
     autograd_values: list[float] = []
     # Columns mostly among filters the closed form sees as active (dead ReLU filters give 0 = 0, a vacuous
@@ -163,7 +226,7 @@ def verify(
         rows = [column, *others][: min(per_column, pairs - len(sampled))]
         if not rows:
             break
-        autograd_values += _autograd_block_traces(model, weight_name, images, labels, column, rows).tolist()
+        autograd_values += _autograd_block_traces(model, head.feature_layer, images, labels, column, rows).tolist()
         sampled += [(row, column) for row in rows]
     closed_values = [closed[row, column].item() for row, column in sampled]
     scale = max(abs(v) for v in autograd_values)
