@@ -573,6 +573,8 @@ def _rgb_image(value: object, column: str, name: str) -> PIL.Image.Image:
         value = {"bytes": None, "path": value}
     if not isinstance(value, dict):
         raise DataError(f"column {column!r} of {name} holds {type(value).__name__}, not images: pass --image-column")
+    # Structs written by other tools (pandas, pyarrow) may carry only one of the two keys.
+    value = {"bytes": value.get("bytes"), "path": value.get("path")}
     where = value.get("path") or f"in column {column!r} of {name}"
     try:
         image = _DECODER.decode_example(value)

@@ -15,7 +15,7 @@ runner = CliRunner()
 
 
 def test_describe_prints_the_normalised_head_as_json() -> None:
-    result = runner.invoke(app, ["describe", "test_resnet", "--json"])
+    result = runner.invoke(app, ["describe", "test_resnet", "--random-init", "--json"])
     assert result.exit_code == 0, result.output
     head = json.loads(result.stdout)
     assert head["model"] == "test_resnet"
@@ -24,7 +24,7 @@ def test_describe_prints_the_normalised_head_as_json() -> None:
 
 
 def test_describe_refusal_is_one_line_with_the_reason() -> None:
-    result = runner.invoke(app, ["describe", "seresnet18"])
+    result = runner.invoke(app, ["describe", "seresnet18", "--random-init"])
     assert result.exit_code == 3
     assert "unsupported: seresnet18:" in result.stderr and "gates the feature layer" in result.stderr
     assert "Traceback" not in result.output
@@ -39,5 +39,5 @@ def test_unknown_model_is_a_clear_error() -> None:
 def test_console_script_is_installed() -> None:
     exe = Path(sys.executable).parent / "flatscan"  # where pip puts the environment's console scripts
     assert exe.exists(), f"no console script at {exe}"
-    out = subprocess.run([str(exe), "describe", "test_convnext", "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run([str(exe), "describe", "test_convnext", "--random-init", "--json"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["head_type"] == "general"
