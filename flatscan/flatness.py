@@ -196,12 +196,11 @@ class HeadDerivatives:
     weight: Tensor | None = None
 
     def diagonal(self) -> Tensor:
-        """B_cc = sum_k p_k W_kc^2 - (W^T p)_c^2 (float64 for a linear head), shape (N, C)."""
+        """B_cc, shape (N, C); for a linear head sum_k p_k (W_kc - (W^T p)_c)^2 in float64."""
         if self.hessian is not None:
             return self.hessian.diagonal(dim1=1, dim2=2)
         assert self.probs is not None and self.weight is not None
-        weight = self.weight.double()
-        return self.probs @ weight.square() - (self.probs @ weight).square()
+        return class_spread(self.probs, self.weight)
 
     def contract(self, q: Tensor) -> Tensor:
         """sum_{c,c'} q_cc' B_cc' per sample, float64; ``q`` is (N, C, C).
@@ -233,10 +232,32 @@ class HeadDerivatives:
         return HeadDerivatives(self.grad[:, channels], probs=self.probs, weight=self.weight[:, channels])
 
 
+# Below this 1 - max_k p_k, sum_k p_k W_kc^2 - (W^T p)_c^2 would lose more than ~1e-10 to cancellation.
+_NEAR_ONE_HOT = 1e-6
+
+
+def class_spread(probs: Tensor, weight: Tensor) -> Tensor:
+    """sum_k p_k (W_kc - (W^T p)_c)^2 per sample and channel, shape (N, C), float64.
+
+    Two GEMMs, sum_k p_k W_kc^2 - (W^T p)_c^2, except for near one-hot p, where that difference cancels
+    (relative error ~1e-16 / (1 - max p)): those samples are summed term by term, which never cancels.
+    """
+    weight = weight.double()
+    spread = probs @ weight.square() - (probs @ weight).square()
+    confident = (1 - probs.max(1).values) < _NEAR_ONE_HOT
+    if confident.any():
+        p = probs[confident]
+        centred = weight - (p @ weight).unsqueeze(1)  # (n, classes, C)
+        spread[confident] = (p.unsqueeze(-1) * centred.square()).sum(1)
+    return spread
+
+
 def linear_head_derivatives(logits: Tensor, labels: Tensor, weight: Tensor) -> HeadDerivatives:
     """e = W^T (p - onehot(y)) (float64) and B = W^T (diag(p) - p p^T) W, kept as (p, W)."""
     probs = torch.softmax(logits.double(), dim=1)
-    residual = probs - F.one_hot(labels, probs.shape[1]).double()
+    target = F.one_hot(labels, probs.shape[1]).bool()
+    # p_y - 1 = -sum_{k != y} p_k: summing the small probabilities keeps it exact when p_y is near 1.
+    residual = probs.masked_scatter(target, -probs.masked_fill(target, 0).sum(1))
     return HeadDerivatives(residual @ weight.double(), probs=probs, weight=weight)
 
 
@@ -273,7 +294,5 @@ def relative_flatness(kernel_gram: Tensor, grad_gram: Tensor, curv: Tensor, head
 
 def classifier_flatness(inputs: Tensor, logits: Tensor, weight: Tensor) -> Tensor:
     """kappa_W = ||x||^2 (sum_j p_j ||w_j||^2 - ||W^T p||^2) of a Linear classifier W on x, per sample, float64."""
-    probs = torch.softmax(logits.double(), dim=1)
-    weight = weight.double()
-    spread = probs @ weight.square().sum(1) - (probs @ weight).square().sum(1)
+    spread = class_spread(torch.softmax(logits.double(), dim=1), weight).sum(1)
     return inputs.square().sum(1, dtype=torch.float64) * spread

@@ -80,8 +80,11 @@ def _downstream_weight_layers(model: nn.Module, head: NormalisedHead, images: Te
         if args[0].requires_grad:
             fed.append(name)
 
-    # The feature layer's output becomes the only tensor that requires grad (parameters do not).
-    handles = [modules[head.feature_layer].register_forward_hook(lambda _m, _a, out: out.detach().requires_grad_(True))]
+    # The feature layer's output becomes the only tensor that requires grad (parameters do not); a copy of
+    # that leaf, so an in-place activation right after the layer is allowed.
+    handles = [
+        modules[head.feature_layer].register_forward_hook(lambda _m, _a, out: out.detach().requires_grad_(True).clone())
+    ]
     for name, module in modules.items():
         if isinstance(module, (nn.Conv2d, nn.Linear)) and name != head.feature_layer and name not in exempt:
             handles.append(module.register_forward_pre_hook(partial(note_if_fed, name)))

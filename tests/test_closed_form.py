@@ -223,3 +223,29 @@ def test_feature_layer_feeding_some_pooled_channels_matches_autograd(act: nn.Mod
     images, labels = batch()
     result = flatscan.scan(model, [(images, labels)], device="cpu")
     assert_matches_autograd(model, "conv.weight", images, labels, result)
+
+
+def test_confident_predictions_lose_no_precision() -> None:
+    """Near one-hot softmax: B_cc and e against exact rational arithmetic (the naive forms cancel)."""
+    from fractions import Fraction
+
+    from flatscan.flatness import class_spread, linear_head_derivatives
+
+    logits = torch.tensor([[32.0, 1.0, -2.0], [0.5, 0.2, 0.1]], dtype=torch.float64)
+    labels = torch.tensor([0, 2])
+    weight = torch.tensor([[0.3, -1.2], [0.7, 0.4], [-0.5, 0.9]], dtype=torch.float64)
+    probs = torch.softmax(logits, dim=1)
+    spread = class_spread(probs, weight)
+    derivatives = linear_head_derivatives(logits, labels, weight)
+    for n in range(2):
+        p = [Fraction(v) for v in probs[n].tolist()]
+        w = [[Fraction(v) for v in row] for row in weight.tolist()]
+        for c in range(2):
+            mean = sum(p[k] * w[k][c] for k in range(3))
+            exact = sum(p[k] * (w[k][c] - mean) ** 2 for k in range(3))
+            assert relative_error(spread[n, c].item(), float(exact)) <= 1e-12
+            # e_c = sum_k (p_k - [k == y]) W_kc, with p_y - 1 taken as -sum_{k != y} p_k of the same p.
+            residual = [p[k] if k != labels[n] else -sum(p[j] for j in range(3) if j != labels[n]) for k in range(3)]
+            exact_e = sum(residual[k] * w[k][c] for k in range(3))
+            assert relative_error(derivatives.grad[n, c].item(), float(exact_e)) <= 1e-12
+    assert (1 - probs[0].max()).item() < 1e-12  # the first sample is in the cancelling regime
