@@ -3,6 +3,6 @@
 Installed as ``flatscan.adapters``. Each adapter is the only code that knows its family's layout.
 """
 
-from flatscan.adapters import convnext, efficientnet, resnet
+from flatscan.adapters import convnext, densenet, efficientnet, ghostnet, mobilenetv3, regnet, resnet, rexnet, vgg
 
-__all__ = ["convnext", "efficientnet", "resnet"]
+__all__ = ["convnext", "densenet", "efficientnet", "ghostnet", "mobilenetv3", "regnet", "resnet", "rexnet", "vgg"]

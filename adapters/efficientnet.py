@@ -1,37 +1,60 @@
-"""timm EfficientNet / MobileNetV2 (EfficientNet class): conv_head, bn2 with its activation."""
+"""timm EfficientNet class (EfficientNet, MobileNetV1/V2, MNASNet, MixNet, FBNet, ...): conv_head, bn2 + activation.
+
+Built without a head convolution (MobileNetV1), the last block's point-wise conv and its norm are the feature layer.
+"""
 
 from __future__ import annotations
 
+from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 from timm.models.efficientnet import EfficientNet
 from torch import nn
 
-from flatscan.contract import (
-    NormalisedHead,
-    Tap,
-    activation_of,
-    batchnorm_scale,
-    require_average_pool,
-    require_linear,
-)
+from flatscan.contract import NormalisedHead, Tap
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
+
+from ._common import normalised_head, submodule
+
+# The last block's point-wise conv and the norm after it, by block type.
+_LAST_CONV = {DepthwiseSeparableConv: ("conv_pw", "bn2"), InvertedResidual: ("conv_pwl", "bn3")}
+
+
+def _require_norm_act(model: nn.Module, norm: str) -> str:
+    if not isinstance(getattr(submodule(model, norm), "act", None), nn.Module):
+        raise UnsupportedModel(f"{norm} is {type(submodule(model, norm)).__name__}, not timm's BatchNormAct2d")
+    return f"{norm}.act"
+
+
+def _describe_last_block(model: EfficientNet) -> NormalisedHead:
+    stage = len(model.blocks) - 1
+    block_name = f"blocks.{stage}.{len(model.blocks[stage]) - 1}"
+    block = submodule(model, block_name)
+    if type(block) not in _LAST_CONV:
+        raise UnsupportedModel(
+            f"no conv_head, and the last block {block_name} is {type(block).__name__} (flatscan reads a "
+            "DepthwiseSeparableConv or InvertedResidual last block)"
+        )
+    conv, norm = (f"{block_name}.{name}" for name in _LAST_CONV[type(block)])
+    act = _require_norm_act(model, norm)
+    head = {"family": "efficientnet", "feature_layer": conv, "norm": norm, "pool": "global_pool"}
+    if not block.has_skip:
+        return normalised_head(model, activation=act, classifier="classifier", **head)
+    if not isinstance(submodule(model, act), nn.Identity):
+        raise UnsupportedModel(f"{act} applies an activation before the residual add: not v = s z + t + r")
+    # v = s z + t + shortcut is the block's output, pooled as is.
+    return normalised_head(model, activation=act, classifier="classifier", pre_activation=Tap(block_name), **head)
 
 
 @register("efficientnet", EfficientNet)
 def describe_efficientnet(model: EfficientNet) -> NormalisedHead:
-    if not isinstance(model.conv_head, nn.Conv2d):
-        raise UnsupportedModel("conv_head was removed (model truncated); there is no feature convolution")
-    require_average_pool(model.global_pool, "global_pool")
-    require_linear(model.classifier, "classifier")
-    act = getattr(model.bn2, "act", None)
-    if act is None:
-        raise UnsupportedModel(f"bn2 is {type(model.bn2).__name__}, not timm's BatchNormAct2d")
-    return NormalisedHead(
+    if isinstance(model.conv_head, nn.Identity):
+        return _describe_last_block(model)
+    return normalised_head(
+        model,
         family="efficientnet",
         feature_layer="conv_head",
-        pre_activation=Tap("bn2.act", "input"),
-        pooled=Tap("classifier", "input"),
-        channel_scale=batchnorm_scale(model.bn2, "bn2"),
-        activation=activation_of(act, "bn2.act"),
+        norm="bn2",
+        activation=_require_norm_act(model, "bn2"),
+        pool="global_pool",
         classifier="classifier",
     )

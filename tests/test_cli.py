@@ -39,5 +39,7 @@ def test_unknown_model_is_a_clear_error() -> None:
 def test_console_script_is_installed() -> None:
     exe = Path(sys.executable).parent / "flatscan"  # where pip puts the environment's console scripts
     assert exe.exists(), f"no console script at {exe}"
-    out = subprocess.run([str(exe), "describe", "test_convnext", "--random-init", "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(exe), "describe", "test_convnext", "--random-init", "--json"], capture_output=True, text=True, check=True
+    )
     assert json.loads(out.stdout)["head_type"] == "general"

@@ -128,7 +128,7 @@ def test_until_se_stops_early_and_results_file(tiny_dir: Path, tmp_path: Path) -
     code, _, err = invoke(*args)  # appends a second row
     frame = pd.read_csv(csv)
     assert list(frame["n_samples"]) == [32, 32]  # a loose target is met by the first batch's standard error
-    code, out, err = invoke("model", str(tiny_dir), *BASE, "-b", "32", "--until-se", "1e-9", "--num-samples", "96")
+    code, _, err = invoke("model", str(tiny_dir), *BASE, "-b", "32", "--until-se", "1e-9", "--num-samples", "96")
     assert code == 0, err  # an unreachable target streams until the data (here --num-samples) ends
     target = tmp_path / "run.json"
     code, _, _ = invoke("model", str(tiny_dir), *BASE, "--num-samples", "32", "--results-file", str(target))
