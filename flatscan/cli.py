@@ -21,8 +21,11 @@ from rich.text import Text
 import flatscan
 from flatscan.data import DataOptions, EvalData, open_eval_data
 from flatscan.errors import FlatscanError, ScanInterrupted
+from flatscan.leaderboard import build_leaderboard, write_reports
 from flatscan.models import LoadedModel, load_model
+from flatscan.reported import ReportedAccuracy
 from flatscan.scanner import ScanResult, resolve_device
+from flatscan.store import ResultsStore
 
 app = typer.Typer(
     help="Exact Hessian trace and relative flatness of CNN classifiers' feature layers.",
@@ -283,3 +286,80 @@ def _emit(record: dict[str, Any], title: str, as_json: bool, results_file: Path 
         typer.echo(json.dumps(record))
     if results_file is not None:
         _write_results(results_file, record)
+
+
+@app.command()
+def verify(
+    name: ModelName = None,
+    checkpoint: Checkpoint = None,
+    arch: Arch = None,
+    offline: Offline = False,
+    random_init: RandomInit = False,
+    dataset: Annotated[str, typer.Option(help="where the batch comes from (any --dataset of `model`)")] = "digits",
+    img_size: Annotated[int, typer.Option(help="input size: small keeps the reference cheap")] = 96,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 2,
+    pairs: Annotated[int, typer.Option(min=1, help="sampled filter pairs (c, c')")] = 16,
+    tolerance: Annotated[float, typer.Option(help="largest relative error that passes")] = 1e-8,
+    as_json: Annotated[bool, typer.Option("--json", help="print the certificate as JSON")] = False,
+    debug: Debug = False,
+) -> None:
+    """Certify one model: closed-form Tr(H_cc') against autograd through the real model graph (float64, CPU)."""
+
+    def action() -> None:
+        loaded = _load(name, checkpoint, arch, offline, random_init)
+        options = DataOptions(dataset=dataset, img_size=img_size, batch_size=batch_size, workers=0)
+        batch = next(iter(open_eval_data(loaded.model, options).batches))
+        result = flatscan.verify(loaded.model, batch, pairs=pairs, tolerance=tolerance)
+        if as_json:
+            typer.echo(json.dumps({"model": loaded.name, **result.to_dict()}))
+        else:
+            table = Table(title=f"{loaded.name}: {result.feature_layer}, Tr(H_cc') on {batch_size} images")
+            for column in ("c", "c'", "closed form", "autograd"):
+                table.add_column(column, justify="right")
+            for (c, c2), closed, reference in zip(result.pairs, result.closed_form, result.autograd, strict=True):
+                table.add_row(str(c), str(c2), f"{closed:.12g}", f"{reference:.12g}")
+            console.print(table)
+            if result.degenerate:
+                console.print("every sampled Tr(H_cc') is zero (a zero scale, dead filters): nothing was certified")
+            if result.downstream_layers:
+                console.print(f"weight layers fed by the feature layer: {', '.join(result.downstream_layers)}")
+            verdict = "[green]PASS[/]" if result.passed else "[red]FAIL[/]"
+            console.print(f"max relative error {result.max_relative_error:.2e} (tolerance {tolerance:g}): {verdict}")
+        if not result.passed:
+            raise typer.Exit(1)
+
+    _run(debug, action, name or (str(checkpoint) if checkpoint else None))
+
+
+@app.command()
+def leaderboard(
+    store: Annotated[Path, typer.Argument(help="results store written by `flatscan org`")] = Path(
+        "flatscan-results.sqlite"
+    ),
+    rank_by: Annotated[str, typer.Option(help="measure to rank by (ascending: flatter first)")] = "relative_flatness",
+    dataset: Annotated[
+        str | None, typer.Option(help="the evaluation data set to rank (when the store has several)")
+    ] = None,
+    reported: Annotated[
+        Path | None, typer.Option(help="your own reported accuracies: CSV with model,top1[,top5]")
+    ] = None,
+    offline: Offline = False,
+    out: Annotated[Path, typer.Option(help="directory for the .md, .csv and .html reports")] = Path("reports"),
+    stem: Annotated[str, typer.Option(help="file name stem of the reports")] = "leaderboard",
+    debug: Debug = False,
+) -> None:
+    """Rank audited models by a flatness measure against reported accuracy, with rank correlations."""
+
+    def action() -> None:
+        if not store.exists():
+            raise FlatscanError(f"no results store at {store}; run `flatscan org ORG` first or pass the store's path")
+        with ResultsStore(store) as results:
+            frame = results.frame()
+        if dataset is not None:
+            frame = frame[frame["dataset"] == dataset]
+        board = build_leaderboard(frame, ReportedAccuracy(user_csv=reported, offline=offline), rank_by=rank_by)
+        console.print(board.rich_table())
+        for path in write_reports(board, out, stem):
+            console.print(f"wrote {path}")
+
+    _run(debug, action)

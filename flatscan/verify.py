@@ -43,11 +43,16 @@ class VerifyResult:
     downstream_layers: list[str]  # weight layers fed by the feature layer outside the normalised head
 
     @property
+    def degenerate(self) -> bool:
+        """All sampled reference values are zero: nothing was certified."""
+        return not any(self.autograd)
+
+    @property
     def passed(self) -> bool:
         return self.max_relative_error <= self.tolerance and not self.downstream_layers
 
     def to_dict(self) -> dict[str, object]:
-        return {**asdict(self), "passed": self.passed}
+        return {**asdict(self), "degenerate": self.degenerate, "passed": self.passed}
 
 
 def _head_modules(model: nn.Module, head: NormalisedHead, pooled: Tensor) -> set[str]:

@@ -158,3 +158,49 @@ def test_ctrl_c_prints_the_partial_result(tiny_dir: Path, monkeypatch: pytest.Mo
     assert code == 130
     assert json.loads(out)["n_samples"] == 32  # the finished batches are reported, not lost
     assert "interrupted after 32 samples" in err
+
+
+def test_verify_command_certifies_a_model(tiny_dir: Path) -> None:
+    code, out, err = invoke("verify", str(tiny_dir), "--pairs", "6", "--json")
+    assert code == 0, err
+    certificate = json.loads(out)
+    assert certificate["passed"] and not certificate["degenerate"] and len(certificate["pairs"]) == 6
+    assert certificate["max_relative_error"] <= 1e-8
+
+
+def test_verify_command_fails_on_a_zero_scale(tmp_path: Path) -> None:
+    # timm zero-initialises the last BatchNorm of a block: every Tr(H_cc') is 0 and nothing is certified.
+    save_for_hf(timm.create_model("test_resnet", num_classes=10), tmp_path / "zero", safe_serialization=True)
+    code, out, _ = invoke("verify", str(tmp_path / "zero"), "--pairs", "4")
+    assert code == 1 and "FAIL" in out and "nothing was" in out
+
+
+def test_leaderboard_command_writes_reports(tiny_dir: Path, tmp_path: Path) -> None:
+    from flatscan.store import ResultsStore, RunKey, preprocessing_key
+
+    torch.manual_seed(1)
+    other = timm.create_model("test_efficientnet", num_classes=10)
+    randomise_norms(other, torch.Generator().manual_seed(1))
+    save_for_hf(other, tmp_path / "tiny-effnet", safe_serialization=True)
+    store_path = tmp_path / "results.sqlite"
+    with ResultsStore(store_path) as store:
+        for path in (tiny_dir, tmp_path / "tiny-effnet"):
+            code, out, err = invoke("model", str(path), *BASE, "--num-samples", "64", "--json")
+            assert code == 0, err
+            record = json.loads(out)
+            config = {"input_size": record["input_size"], "interpolation": record["interpolation"]}
+            key = RunKey(record["model"], record["revision"], record["dataset"], record["split"], 64,
+                         preprocessing_key(config))  # fmt: skip
+            store.put(key, record)
+    reported = tmp_path / "reported.csv"
+    reported.write_text(f"model,top1\n{tiny_dir},71.5\n{tmp_path / 'tiny-effnet'},65.0\n")
+    out_dir = tmp_path / "reports"
+    code, out, err = invoke("leaderboard", str(store_path), "--reported", str(reported), "--out", str(out_dir))
+    assert code == 0, err
+    assert {p.name for p in out_dir.iterdir()} == {"leaderboard.md", "leaderboard.csv", "leaderboard.html"}
+    table = pd.read_csv(out_dir / "leaderboard.csv")
+    ranked = table[table["status"] == "ok"].sort_values("rank")
+    assert list(ranked["relative_flatness"]) == sorted(ranked["relative_flatness"])
+    assert set(ranked["reported_top1"]) == {71.5, 65.0}
+    code, _, err = invoke("leaderboard", str(tmp_path / "missing.sqlite"))
+    assert code != 0 and "flatscan org" in err
