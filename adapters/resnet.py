@@ -23,7 +23,12 @@ def describe_resnet(model: ResNet) -> NormalisedHead:
     block_name = f"layer4.{len(model.layer4) - 1}"
     block = model.layer4[-1]
     # Bottleneck-style blocks end in conv3/bn3/act3, BasicBlock-style ones in conv2/bn2/act2.
-    last = 3 if hasattr(block, "conv3") else 2
+    last = next((i for i in (3, 2) if all(hasattr(block, f"{n}{i}") for n in ("conv", "bn", "act"))), None)
+    if last is None:
+        raise UnsupportedModel(
+            f"{block_name} is {type(block).__name__}, a block that does not end in convN, bnN, actN "
+            "(e.g. Res2Net reuses one activation module across the block); no adapter knows its layout"
+        )
     if getattr(block, "se", None) is not None:
         raise UnsupportedModel(
             f"{block_name}.se ({type(block.se).__name__}) gates the feature layer's output with a value "

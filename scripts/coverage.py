@@ -48,6 +48,7 @@ _CHANNEL_GATES = {
 VERIFY_SIZE = 96
 VERIFY_BATCH = 2
 VERIFIED_PER_GROUP = 2
+VERIFIED_UP_TO_PARAMS_M = 60  # every supported architecture up to this size is verified
 
 
 def architectures(pattern: str) -> list[str]:
@@ -68,6 +69,7 @@ def is_convolutional(model: nn.Module) -> bool:
 
 def reason_kind(reason: str) -> str:
     """A refusal reason with module paths and numbers folded, so equal reasons count together."""
+    reason = reason.split(" (supported families:")[0]
     return re.sub(r"\b[\w]*\d[\w.]*\b", "#", reason)
 
 
@@ -210,7 +212,8 @@ def markdown(frame: pd.DataFrame, seconds: float, command: str) -> str:
         f"sampled filter pairs ({VERIFY_BATCH} images of {VERIFY_SIZE} px, float64, tolerance 1e-8), and checks by "
         f"data flow that no weight layer sits between the feature layer and the head. Within a group of architectures "
         f"with the same module, adapter, feature-layer path, activation and head type, the {VERIFIED_PER_GROUP} "
-        "smallest are verified and the larger siblings are skipped when those pass.",
+        f"smallest and every one up to {VERIFIED_UP_TO_PARAMS_M}M parameters are verified; larger siblings are "
+        "skipped when those pass.",
         "",
         "## Summary",
         "",
@@ -260,11 +263,11 @@ def main() -> None:
     frame = pd.DataFrame(parallel(detect, architectures(args.filter), args.workers, "detect"))
     frame["module"] = frame["architecture"].map(module_map())
     plan = verify_plan(frame[frame["status"] == "supported"])
-    first = plan[plan["rank"] < VERIFIED_PER_GROUP]
+    first = plan[(plan["rank"] < VERIFIED_PER_GROUP) | (plan["params_m"] <= VERIFIED_UP_TO_PARAMS_M)]
     verified = pd.DataFrame(parallel(run_verify, first["architecture"], args.workers, "verify"))
     # Groups where a verified member did not pass get all their members verified.
     bad_groups = first[first["architecture"].isin(verified.loc[verified["verify"] != "pass", "architecture"])]["group"]
-    rest = plan[(plan["rank"] >= VERIFIED_PER_GROUP) & plan["group"].isin(bad_groups)]
+    rest = plan[~plan["architecture"].isin(first["architecture"]) & plan["group"].isin(bad_groups)]
     if len(rest):
         verified = pd.concat(
             [verified, pd.DataFrame(parallel(run_verify, rest["architecture"], args.workers, "verify"))]
