@@ -3,6 +3,34 @@
 Installed as ``flatscan.adapters``. Each adapter is the only code that knows its family's layout.
 """
 
-from flatscan.adapters import convnext, densenet, efficientnet, ghostnet, mobilenetv3, regnet, resnet, rexnet, vgg
+from flatscan.adapters import (
+    byobnet,
+    convnext,
+    cspnet,
+    densenet,
+    efficientnet,
+    ghostnet,
+    hgnet,
+    mobilenetv3,
+    regnet,
+    resnet,
+    resnetv2,
+    rexnet,
+    vgg,
+)
 
-__all__ = ["convnext", "densenet", "efficientnet", "ghostnet", "mobilenetv3", "regnet", "resnet", "rexnet", "vgg"]
+__all__ = [
+    "byobnet",
+    "convnext",
+    "cspnet",
+    "densenet",
+    "efficientnet",
+    "ghostnet",
+    "hgnet",
+    "mobilenetv3",
+    "regnet",
+    "resnet",
+    "resnetv2",
+    "rexnet",
+    "vgg",
+]

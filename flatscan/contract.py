@@ -133,7 +133,10 @@ def require_average_pool(pool: nn.Module, where: str) -> None:
         )
 
 
-def require_linear(module: nn.Module, where: str) -> nn.Linear:
+def require_linear(module: nn.Module, where: str) -> nn.Module:
+    """A Linear classifier, or a 1x1 ungrouped Conv2d on the pooled (N, C, 1, 1) map (timm's use_conv heads)."""
+    if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1:
+        return module
     if not isinstance(module, nn.Linear):
         raise UnsupportedModel(
             f"{where} is {type(module).__name__}, not a Linear classifier (a model built with "

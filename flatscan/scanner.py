@@ -213,7 +213,8 @@ def _constants(model: nn.Module, head: NormalisedHead, device: torch.device, dty
     kernel = feature_layer.weight.detach().to(dtype).flatten(1)
     return _Constants(
         feature_layer=feature_layer,
-        classifier_weight=modules[head.classifier].weight.detach().to(dtype),
+        # (classes, C): a 1x1-conv classifier's (classes, C, 1, 1) kernel is the same matrix
+        classifier_weight=modules[head.classifier].weight.detach().to(dtype).flatten(1),
         channel_scale=head.channel_scale.to(device, dtype),
         kernel_gram=kernel @ kernel.T,
     )

@@ -21,23 +21,24 @@ def tiny_vgg_bn() -> VGG:
     return model
 
 
+def conv_classifier() -> VGG:
+    model = tiny_vgg()
+    model.head = ClassifierHead(24, CLASSES, use_conv=True)
+    return model
+
+
 @pytest.mark.parametrize(
     ("build", "size"),
     [
         (tiny_vgg, 40),  # 20x20 map: fc1 (7x7) leaves 14x14 positions for fc2
         (tiny_vgg_bn, 40),
         (tiny_vgg, 8),  # 4x4 map: ConvMlp first resizes it to 7x7, so fc2 sees one position
+        (conv_classifier, 40),  # timm's use_conv head: a 1x1 conv on the pooled map, measured as Linear
     ],
 )
 def test_vgg_matches_autograd(build: Callable[[], VGG], size: int) -> None:
     head = assert_matches_autograd(build(), "vgg", size=size)
     assert head.feature_layer == "pre_logits.fc2"
-
-
-def conv_classifier() -> VGG:
-    model = tiny_vgg()
-    model.head = ClassifierHead(24, CLASSES, use_conv=True)
-    return model
 
 
 def no_pre_logits() -> VGG:
@@ -58,7 +59,6 @@ def test_leaky_relu_head_matches_autograd() -> None:
 
 
 REFUSALS = {
-    "conv_classifier": (conv_classifier, "not a Linear classifier"),
     "no_pre_logits": (no_pre_logits, "not timm's ConvMlp"),
 }
 
