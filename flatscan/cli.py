@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import pandas as pd
-import timm
 import torch
 import typer
 from rich.console import Console
@@ -19,11 +17,13 @@ from rich.table import Table
 from rich.text import Text
 
 import flatscan
-from flatscan.data import DataOptions, EvalData, open_eval_data
+from flatscan.data import DataOptions, open_eval_data
 from flatscan.errors import FlatscanError, ScanInterrupted
 from flatscan.leaderboard import build_leaderboard, write_reports
 from flatscan.models import LoadedModel, load_model
+from flatscan.org import AuditRow, audit_org
 from flatscan.reported import ReportedAccuracy
+from flatscan.runs import result_record, scan_with_retry
 from flatscan.scanner import ScanResult, resolve_device
 from flatscan.store import ResultsStore
 
@@ -46,6 +46,27 @@ Arch = Annotated[str | None, typer.Option(help="timm architecture of --checkpoin
 Offline = Annotated[bool, typer.Option("--offline", help="load from the local cache only (also HF_HUB_OFFLINE=1)")]
 RandomInit = Annotated[bool, typer.Option("--random-init", help="build the architecture without loading weights")]
 Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks")]
+DatasetOpt = Annotated[
+    str | None, typer.Option(help="digits (built in), a HF dataset id, an image folder, or parquet/arrow files")
+]
+ConfigOpt = Annotated[str | None, typer.Option(help="HF dataset config")]
+SplitOpt = Annotated[str | None, typer.Option(help="dataset split (default: validation, test, then train)")]
+ImageColumnOpt = Annotated[str | None, typer.Option(help="image column (default: auto-detect)")]
+LabelColumnOpt = Annotated[str | None, typer.Option(help="label column (default: auto-detect)")]
+ClassMapOpt = Annotated[Path | None, typer.Option(help="file mapping dataset labels to model classes")]
+ImgSizeOpt = Annotated[int | None, typer.Option(help="input size (default: the model's pretrained config)")]
+CropPctOpt = Annotated[float | None, typer.Option(help="center-crop fraction")]
+InterpolationOpt = Annotated[str | None, typer.Option(help="resize interpolation (bilinear, bicubic, ...)")]
+MeanOpt = Annotated[tuple[float, float, float] | None, typer.Option(help="normalisation mean")]
+StdOpt = Annotated[tuple[float, float, float] | None, typer.Option(help="normalisation std")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1)]
+WorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=0, help="data loading processes")]
+NumSamplesOpt = Annotated[int | None, typer.Option(min=1, help="stop after this many images")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")]
+AmpOpt = Annotated[bool, typer.Option("--amp", help="mixed-precision forward pass (the measure stays >= fp32)")]
+SeedOpt = Annotated[int, typer.Option(help="seed for data order and splits")]
+UntilSeOpt = Annotated[float | None, typer.Option(help="stop once the relative standard error of kappa is below this")]
+TraceOnlyOpt = Annotated[bool, typer.Option("--trace-only", help="measure Tr(H) only (skip kappa)")]
 
 
 @app.callback()
@@ -97,27 +118,6 @@ def describe(
     _run(debug, action, name or (str(checkpoint) if checkpoint else None))
 
 
-def _record(loaded: LoadedModel, data: EvalData, result: ScanResult, options: DataOptions) -> dict[str, Any]:
-    """One flat, JSON-friendly row: the model, the data, the measures and the versions."""
-    return {
-        "model": loaded.name,
-        "revision": loaded.revision,
-        "source": loaded.source,
-        **result.to_dict(),
-        "dataset": data.name,
-        "split": data.split,
-        "label_mapping": data.label_mapping,
-        "input_size": list(data.data_config.get("input_size", ())),
-        "interpolation": data.data_config.get("interpolation"),
-        "crop_pct": data.data_config.get("crop_pct"),
-        "batch_size": options.batch_size,
-        "flatscan_version": flatscan.__version__,
-        "timm_version": timm.__version__,
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-    }
-
-
 def _format(value: float | None, se: float | None = None) -> str:
     if value is None:
         return "-"
@@ -157,6 +157,53 @@ def _write_results(path: Path, record: dict[str, Any]) -> None:
         raise FlatscanError(f"--results-file {path}: use a .json or .csv file name")
 
 
+def _progress(out: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TextColumn("kappa {task.fields[kappa]}"),
+        TimeElapsedColumn(),
+        console=out,
+        transient=True,
+    )
+
+
+def _data_options(
+    dataset: str | None,
+    config: str | None,
+    split: str | None,
+    image_column: str | None,
+    label_column: str | None,
+    class_map: Path | None,
+    img_size: int | None,
+    crop_pct: float | None,
+    interpolation: str | None,
+    mean: tuple[float, float, float] | None,
+    std: tuple[float, float, float] | None,
+    batch_size: int,
+    workers: int,
+    seed: int,
+) -> DataOptions:
+    return DataOptions(
+        dataset=dataset,
+        config=config,
+        split=split,
+        image_column=image_column,
+        label_column=label_column,
+        class_map=class_map,
+        img_size=img_size,
+        crop_pct=crop_pct,
+        interpolation=interpolation,
+        mean=mean,
+        std=std,
+        batch_size=batch_size,
+        workers=workers,
+        seed=seed,
+    )
+
+
 def _progress_callback(progress: Progress, task: int, until_se: float | None) -> Callable[[ScanResult], bool]:
     def on_batch(running: ScanResult) -> bool:
         kappa = _format(running.relative_flatness, running.relative_flatness_se)
@@ -176,32 +223,26 @@ def model(
     arch: Arch = None,
     offline: Offline = False,
     random_init: RandomInit = False,
-    dataset: Annotated[
-        str | None, typer.Option(help="digits (built in), a HF dataset id, an image folder, or parquet/arrow files")
-    ] = None,
-    config: Annotated[str | None, typer.Option(help="HF dataset config")] = None,
-    split: Annotated[str | None, typer.Option(help="dataset split (default: validation, test, then train)")] = None,
-    image_column: Annotated[str | None, typer.Option(help="image column (default: auto-detect)")] = None,
-    label_column: Annotated[str | None, typer.Option(help="label column (default: auto-detect)")] = None,
-    class_map: Annotated[Path | None, typer.Option(help="file mapping dataset labels to model classes")] = None,
-    img_size: Annotated[int | None, typer.Option(help="input size (default: the model's pretrained config)")] = None,
-    crop_pct: Annotated[float | None, typer.Option(help="center-crop fraction")] = None,
-    interpolation: Annotated[str | None, typer.Option(help="resize interpolation (bilinear, bicubic, ...)")] = None,
-    mean: Annotated[tuple[float, float, float] | None, typer.Option(help="normalisation mean")] = None,
-    std: Annotated[tuple[float, float, float] | None, typer.Option(help="normalisation std")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 64,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="data loading processes")] = 4,
-    num_samples: Annotated[int | None, typer.Option(min=1, help="stop after this many images")] = None,
-    device: Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")] = "auto",
-    amp: Annotated[
-        bool, typer.Option("--amp", help="mixed-precision forward pass (the measure stays >= fp32)")
-    ] = False,
+    dataset: DatasetOpt = None,
+    config: ConfigOpt = None,
+    split: SplitOpt = None,
+    image_column: ImageColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    class_map: ClassMapOpt = None,
+    img_size: ImgSizeOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpolationOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    batch_size: BatchSizeOpt = 64,
+    workers: WorkersOpt = 4,
+    num_samples: NumSamplesOpt = None,
+    device: DeviceOpt = "auto",
+    amp: AmpOpt = False,
     channels_last: Annotated[bool, typer.Option("--channels-last")] = False,
-    seed: Annotated[int, typer.Option(help="seed for data order and splits")] = 0,
-    until_se: Annotated[
-        float | None, typer.Option(help="stop once the relative standard error of kappa is below this")
-    ] = None,
-    trace_only: Annotated[bool, typer.Option("--trace-only", help="measure Tr(H) only (skip kappa)")] = False,
+    seed: SeedOpt = 0,
+    until_se: UntilSeOpt = None,
+    trace_only: TraceOnlyOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the result row as JSON")] = False,
     results_file: Annotated[Path | None, typer.Option(help="write the result to a .json or append to a .csv")] = None,
     debug: Debug = False,
@@ -213,68 +254,35 @@ def model(
         loaded = _load(name, checkpoint, arch, offline, random_init)
         head = flatscan.describe(loaded.model)  # refuse before touching any data
         net = loaded.model.to(memory_format=torch.channels_last) if channels_last else loaded.model
-        dev = resolve_device(device)
-        size = batch_size
-        while True:
-            options = DataOptions(
-                dataset=dataset,
-                config=config,
-                split=split,
-                image_column=image_column,
-                label_column=label_column,
-                class_map=class_map,
-                img_size=img_size,
-                crop_pct=crop_pct,
-                interpolation=interpolation,
-                mean=mean,
-                std=std,
-                batch_size=size,
-                workers=workers,
-                seed=seed,
-            )
-            data = open_eval_data(net, options)
-            known = [n for n in (num_samples, data.num_samples) if n is not None]
-            total = min(known) if known else None
-            progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
-                TextColumn("kappa {task.fields[kappa]}"),
-                TimeElapsedColumn(),
-                console=errors,
-                transient=True,
-            )
-            task = progress.add_task(f"{loaded.name} [{head.feature_layer}]", total=total, kappa="-", rate="")
-            try:
-                with progress:
-                    result = flatscan.scan(
-                        net,
-                        data.batches,
-                        device=dev,
-                        max_samples=num_samples,
-                        trace_only=trace_only,
-                        amp=amp,
-                        on_batch=_progress_callback(progress, task, until_se),
-                    )
-                break
-            except torch.OutOfMemoryError:
-                # As timm's validate --retry: halve the batch and start again.
-                if size == 1:
-                    raise FlatscanError(f"out of memory on {dev} even at batch size 1; try --device cpu") from None
-                size //= 2
-                torch.cuda.empty_cache()
-                errors.print(f"out of memory on {dev}; retrying with batch size {size}")
-            except ScanInterrupted as interrupted:
-                if interrupted.partial is not None:
-                    _emit(
-                        _record(loaded, data, interrupted.partial, options),
-                        "partial result (interrupted)",
-                        as_json,
-                        results_file,
-                    )
-                raise
-        _emit(_record(loaded, data, result, options), f"flatscan: {data.name}", as_json, results_file)
+        options = _data_options(
+            dataset, config, split, image_column, label_column, class_map, img_size, crop_pct, interpolation, mean,
+            std, batch_size, workers, seed,
+        )  # fmt: skip
+        data = open_eval_data(net, options)
+        known = [n for n in (num_samples, data.num_samples) if n is not None]
+        progress = _progress(errors)
+        task = progress.add_task(
+            f"{loaded.name} [{head.feature_layer}]", total=min(known) if known else None, kappa="-", rate=""
+        )
+        try:
+            with progress:
+                result, data, options = scan_with_retry(
+                    net,
+                    options,
+                    data,
+                    on_retry=lambda size: errors.print(f"out of memory; retrying with batch size {size}"),
+                    device=resolve_device(device),
+                    max_samples=num_samples,
+                    trace_only=trace_only,
+                    amp=amp,
+                    on_batch=_progress_callback(progress, task, until_se),
+                )
+        except ScanInterrupted as interrupted:
+            if interrupted.partial is not None:
+                record = result_record(loaded, data, interrupted.partial, options)
+                _emit(record, "partial result (interrupted)", as_json, results_file)
+            raise
+        _emit(result_record(loaded, data, result, options), f"flatscan: {data.name}", as_json, results_file)
 
     _run(debug, action, name or (str(checkpoint) if checkpoint else None))
 
@@ -363,3 +371,85 @@ def leaderboard(
             console.print(f"wrote {path}")
 
     _run(debug, action)
+
+
+@app.command()
+def org(
+    name: Annotated[str, typer.Argument(help="Hub organisation or user, e.g. timm")],
+    store: Annotated[Path, typer.Option(help="SQLite results store")] = Path("flatscan-results.sqlite"),
+    pattern: Annotated[str | None, typer.Option("--filter", help="glob on the model name, e.g. 'resnet*'")] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="audit at most this many models (most downloaded first)")
+    ] = None,
+    include_transformers: Annotated[bool, typer.Option("--include-transformers")] = False,
+    force: Annotated[bool, typer.Option("--force", help="redo models already in the store")] = False,
+    offline: Offline = False,
+    dataset: DatasetOpt = None,
+    config: ConfigOpt = None,
+    split: SplitOpt = None,
+    image_column: ImageColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    class_map: ClassMapOpt = None,
+    img_size: ImgSizeOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpolationOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    batch_size: BatchSizeOpt = 64,
+    workers: WorkersOpt = 4,
+    num_samples: NumSamplesOpt = None,
+    device: DeviceOpt = "auto",
+    amp: AmpOpt = False,
+    seed: SeedOpt = 0,
+    trace_only: TraceOnlyOpt = False,
+    debug: Debug = False,
+) -> None:
+    """Audit every image-classification model of a Hub organisation; each row is committed as it finishes."""
+    torch.manual_seed(seed)
+
+    def action() -> None:
+        options = _data_options(
+            dataset, config, split, image_column, label_column, class_map, img_size, crop_pct, interpolation, mean,
+            std, batch_size, workers, seed,
+        )  # fmt: skip
+        counts = {"ok": 0, "unsupported": 0, "failed": 0, "skipped": 0}
+        progress = _progress(errors)
+        models_task = progress.add_task(f"{name}: models", total=None, kappa="-", rate="")
+
+        def on_model(row: AuditRow, done: int, total: int) -> None:
+            counts[row.status] += 1
+            summary = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+            progress.update(models_task, completed=done, total=total, rate=summary)
+            if row.status in ("unsupported", "failed"):
+                errors.print(Text(f"{row.status}: {row.model}: {row.reason}"), soft_wrap=True, highlight=False)
+
+        def on_batch_factory(model_name: str) -> Callable[[ScanResult], bool]:
+            task = progress.add_task(model_name, total=num_samples, kappa="-", rate="")
+            return _progress_callback(progress, task, None)
+
+        with ResultsStore(store) as results, progress:
+            rows = audit_org(
+                name,
+                results,
+                options,
+                pattern=pattern,
+                limit=limit,
+                include_transformers=include_transformers,
+                offline=offline,
+                force=force,
+                num_samples=num_samples,
+                device=resolve_device(device),
+                amp=amp,
+                trace_only=trace_only,
+                on_model=on_model,
+                on_batch_factory=on_batch_factory,
+            )
+        if not rows:
+            raise FlatscanError(f"no image-classification models of {name} match; check the name and --filter")
+        console.print(
+            f"{name}: {len(rows)} models: "
+            + ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+            + f"; results in {store}. Rank them with: flatscan leaderboard {store}"
+        )
+
+    _run(debug, action, name)

@@ -4,18 +4,24 @@
 ``ETag`` on every file; small files inline; large (LFS) files as a 302 to a second server on another port (the
 "CDN", whose origin huggingface_hub treats as foreign, as it does the real one) with ``X-Linked-Etag`` and
 ``X-Linked-Size``; a 404 with ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) otherwise.
+
+``GET /api/models`` lists the repos as ``HfApi.list_models`` reads them: filtered by ``author`` and every ``filter``
+value (a tag; the library and pipeline tag are tags, as on the Hub), sorted by ``sort`` (descending), ``expand``
+restricting the properties, and paginated ``limit`` (at most ``page_size``) entries at a time through a
+``Link: <...>; rel="next"`` header, as the Hub and GitHub do.
 Every request is recorded in ``requests``, so a test can assert that the Hub was (not) contacted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import pytest
 from huggingface_hub import constants
@@ -28,6 +34,11 @@ _LFS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 class Repo:
     commit: str
     files: dict[str, bytes]
+    listing: dict[str, Any] = field(default_factory=dict)  # what /api/models says of it, besides its id
+
+
+# The properties a listing entry has when the request names none in ``expand``.
+_DEFAULT_PROPERTIES = ("downloads", "likes", "library_name", "pipeline_tag", "tags", "private", "createdAt")
 
 
 @dataclass
@@ -36,16 +47,44 @@ class HubServer:
 
     repos: dict[str, Repo] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path), Hub and CDN alike
+    page_size: int = 1000  # the most entries per /api/models page (the Hub's default and largest page)
 
-    def add_repo(self, repo_id: str, files: dict[str, bytes] | Path) -> str:
-        """Publish ``files`` (or every file of a directory) as ``repo_id``; returns the commit sha."""
+    def add_repo(
+        self,
+        repo_id: str,
+        files: dict[str, bytes] | Path,
+        *,
+        downloads: int = 0,
+        library_name: str | None = "timm",
+        pipeline_tag: str | None = "image-classification",
+        tags: tuple[str, ...] = (),
+    ) -> str:
+        """Publish ``files`` (or every file of a directory) as ``repo_id``; returns the commit sha.
+
+        The keywords are what the model listing says of the repo.
+        """
         if isinstance(files, Path):
             files = {p.name: p.read_bytes() for p in sorted(files.iterdir()) if p.is_file()}
         digest = hashlib.sha1(repo_id.encode())
         for name, content in sorted(files.items()):
             digest.update(name.encode() + hashlib.sha1(content).digest())
-        self.repos[repo_id] = Repo(digest.hexdigest(), dict(files))
-        return self.repos[repo_id].commit
+        commit = digest.hexdigest()
+        listing = {
+            "_id": commit[:24],
+            "modelId": repo_id,
+            "author": repo_id.partition("/")[0],
+            "sha": commit,
+            "downloads": downloads,
+            "likes": 0,
+            "library_name": library_name,
+            "pipeline_tag": pipeline_tag,
+            # As on the Hub: the library and the pipeline tag are among the tags (what `filter` matches).
+            "tags": list(dict.fromkeys(t for t in (library_name, pipeline_tag, *tags) if t)),
+            "private": False,
+            "createdAt": "2024-01-01T00:00:00.000Z",
+        }
+        self.repos[repo_id] = Repo(commit, dict(files), listing)
+        return commit
 
     @property
     def endpoint(self) -> str:
@@ -133,7 +172,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _HubHandler(_Handler):
     def answer(self, body: bool) -> None:
-        parts = unquote(urlsplit(self.path).path).lstrip("/").split("/", 4)
+        url = urlsplit(self.path)
+        if url.path == "/api/models":
+            self.list_models(parse_qs(url.query), body)
+            return
+        parts = unquote(url.path).lstrip("/").split("/", 4)
         if len(parts) < 5 or parts[2] != "resolve":
             self.reply(404, {"X-Error-Code": "EntryNotFound"}, body=body)
             return
@@ -164,6 +207,29 @@ class _HubHandler(_Handler):
             )
         else:
             self.reply(200, {**commit, "ETag": f'"{_git_sha1(content)}"'}, content, body)
+
+    def list_models(self, query: dict[str, list[str]], body: bool) -> None:
+        """One page of the model listing; ``cursor`` (an offset here, opaque on the Hub) comes from the Link header."""
+        hub = self.server.hub
+        author = query.get("author", [None])[0]
+        wanted = query.get("filter", [])
+        entries = [
+            {"id": repo_id, **repo.listing}
+            for repo_id, repo in hub.repos.items()
+            if (author is None or repo.listing["author"] == author) and all(t in repo.listing["tags"] for t in wanted)
+        ]
+        if "sort" in query:
+            entries.sort(key=lambda entry: entry[query["sort"][0]], reverse=True)
+        expand = query.get("expand")
+        keep = {"_id", "id", *(expand or ("modelId", *_DEFAULT_PROPERTIES))}
+        entries = [{key: value for key, value in entry.items() if key in keep} for entry in entries]
+        start = int(query.get("cursor", ["0"])[0])
+        size = min(int(query.get("limit", [str(hub.page_size)])[0]), hub.page_size)
+        headers = {"Content-Type": "application/json"}
+        if start + size < len(entries):
+            following = urlencode({**query, "cursor": [str(start + size)]}, doseq=True)
+            headers["Link"] = f'<{hub.endpoint}/api/models?{following}>; rel="next"'
+        self.reply(200, headers, json.dumps(entries[start : start + size]).encode(), body)
 
 
 class _CdnHandler(_Handler):
