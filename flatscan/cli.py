@@ -364,7 +364,8 @@ def leaderboard(
         with ResultsStore(store) as results:
             frame = results.frame()
         if dataset is not None:
-            frame = frame[frame["dataset"] == dataset]
+            # Refused and failed rows stay: they say which models could not be ranked, and why.
+            frame = frame[(frame["dataset"] == dataset) | (frame["status"] != "ok")]
         board = build_leaderboard(frame, ReportedAccuracy(user_csv=reported, offline=offline), rank_by=rank_by)
         console.print(board.rich_table())
         for path in write_reports(board, out, stem):
