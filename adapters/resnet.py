@@ -1,8 +1,15 @@
-"""timm ResNet / ResNeXt / ResNeSt: the last block's last conv, its BatchNorm, + shortcut, activation."""
+"""timm ResNet / ResNeXt / ResNeSt / SK-ResNet / Res2Net: the last block's last conv, its BatchNorm, + shortcut, act.
+
+Block endings: Bottleneck-style convN / bnN / actN (N = 3, or 2 for BasicBlock-style), SK-ResNet's
+ConvNormAct convN (conv, bn with no activation) then ``act``, and Res2Net's conv3 / bn3 then ``relu``.
+"""
 
 from __future__ import annotations
 
+from timm.models.res2net import Bottle2neck
 from timm.models.resnet import ResNet
+from timm.models.sknet import SelectiveKernelBasic, SelectiveKernelBottleneck
+from torch import nn
 
 from flatscan.contract import (
     NormalisedHead,
@@ -15,6 +22,58 @@ from flatscan.contract import (
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
 
+from ._common import conv_norm_act, normalised_head
+
+
+def _refuse_gate(block: nn.Module, block_name: str) -> None:
+    if getattr(block, "se", None) is not None:
+        raise UnsupportedModel(
+            f"{block_name}.se ({type(block.se).__name__}) gates the feature layer's output with a value "
+            "computed from that output, between the feature layer and the pool: not element-wise"
+        )
+
+
+def _selective_kernel(model: ResNet, block: nn.Module, block_name: str) -> NormalisedHead:
+    """SK-ResNet: the last ConvNormAct (conv, BatchNorm, no activation), + shortcut, ``act``."""
+    last = 3 if isinstance(block, SelectiveKernelBottleneck) else 2
+    conv, norm, norm_act = conv_norm_act(model, f"{block_name}.conv{last}")
+    if not isinstance(model.get_submodule(norm_act), nn.Identity):
+        raise UnsupportedModel(f"{norm_act} applies an activation before the residual add: not v = s z + t + r")
+    return normalised_head(
+        model,
+        family="resnet",
+        feature_layer=conv,
+        norm=norm,
+        activation=f"{block_name}.act",
+        pool="global_pool",
+        classifier="fc",
+    )
+
+
+def _res2net(model: ResNet, block: Bottle2neck, block_name: str) -> NormalisedHead:
+    """Res2Net: conv3 -> bn3 [+ shortcut] -> relu, where ``relu`` is one module the block calls scale + 1 times.
+
+    A hook on that module cannot single out its last call, so the pre-activation is read after it, at the
+    pool's input. For ReLU that is exact: relu(v) > 0 exactly where v > 0, so sigma'(v) = 1[relu(v) > 0] and
+    sigma'' = 0 are the same functions of relu(v) as of v, and relu(relu(v)) = relu(v) gives the same pool.
+    """
+    where = f"{block_name}.relu"
+    if type(block.relu) is not nn.ReLU:
+        raise UnsupportedModel(
+            f"{where} ({type(block.relu).__name__}) runs several times inside Res2Net's Bottle2neck, so its last "
+            "input cannot be tapped; flatscan reads the pre-activation after it, which is exact only for ReLU"
+        )
+    return normalised_head(
+        model,
+        family="resnet",
+        feature_layer=f"{block_name}.conv3",
+        norm=f"{block_name}.bn3",
+        activation=where,
+        pool="global_pool",
+        classifier="fc",
+        pre_activation=Tap("global_pool", "input"),
+    )
+
 
 @register("resnet", ResNet)
 def describe_resnet(model: ResNet) -> NormalisedHead:
@@ -22,17 +81,17 @@ def describe_resnet(model: ResNet) -> NormalisedHead:
     require_linear(model.fc, "fc")
     block_name = f"layer4.{len(model.layer4) - 1}"
     block = model.layer4[-1]
+    _refuse_gate(block, block_name)
+    if isinstance(block, (SelectiveKernelBasic, SelectiveKernelBottleneck)):
+        return _selective_kernel(model, block, block_name)
+    if isinstance(block, Bottle2neck):
+        return _res2net(model, block, block_name)
     # Bottleneck-style blocks end in conv3/bn3/act3, BasicBlock-style ones in conv2/bn2/act2.
     last = next((i for i in (3, 2) if all(hasattr(block, f"{n}{i}") for n in ("conv", "bn", "act"))), None)
     if last is None:
         raise UnsupportedModel(
             f"{block_name} is {type(block).__name__}, a block that does not end in convN, bnN, actN "
-            "(e.g. Res2Net reuses one activation module across the block); no adapter knows its layout"
-        )
-    if getattr(block, "se", None) is not None:
-        raise UnsupportedModel(
-            f"{block_name}.se ({type(block.se).__name__}) gates the feature layer's output with a value "
-            "computed from that output, between the feature layer and the pool: not element-wise"
+            "(nor SK-ResNet's or Res2Net's ending); no adapter knows its layout"
         )
     return NormalisedHead(
         family="resnet",

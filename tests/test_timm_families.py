@@ -128,7 +128,6 @@ REFUSALS = {
     "group_norm_head": (partial(timm.create_model, "test_efficientnet_gn"), "not BatchNorm"),
     "norm_before_pool": (partial(timm.create_model, "test_convnext", head_norm_first=True), "before the pool"),
     "no_adapter": (partial(timm.create_model, "test_vit"), "no adapter for VisionTransformer"),
-    "unknown_block_layout": (partial(timm.create_model, "res2net50_14w_8s", num_classes=CLASSES), "Bottle2neck"),
 }
 
 
