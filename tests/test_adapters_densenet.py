@@ -6,10 +6,8 @@ from functools import partial
 
 import pytest
 from test_adapters_common import assert_matches_autograd
-from test_timm_families import CLASSES, images_and_labels
+from test_timm_families import CLASSES, assert_refused
 from timm.models.densenet import DenseNet
-
-import flatscan
 
 tiny_densenet = partial(DenseNet, growth_rate=4, block_config=(1, 2), bn_size=2, num_classes=CLASSES)
 
@@ -39,8 +37,4 @@ REFUSALS = {
 @pytest.mark.parametrize("name", REFUSALS)
 def test_refusals_say_why(name: str) -> None:
     build, reason = REFUSALS[name]
-    model = build()
-    with pytest.raises(flatscan.UnsupportedModel, match=reason):
-        flatscan.describe(model)
-    with pytest.raises(flatscan.UnsupportedModel, match=reason):
-        flatscan.scan(model, [images_and_labels(size=32)], device="cpu")
+    assert_refused(build(), reason)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from test_adapters_common import assert_matches_autograd
-from test_timm_families import CLASSES, images_and_labels
+from test_timm_families import CLASSES, assert_refused
 from timm.models.hgnet import HighPerfGpuNet
-
-import flatscan
 
 
 def tiny_hgnet(stem_type: str = "v1", use_lab: bool = False, **kwargs: object) -> HighPerfGpuNet:
@@ -51,8 +49,4 @@ REFUSALS = {
 @pytest.mark.parametrize("name", REFUSALS)
 def test_refusals_say_why(name: str) -> None:
     build, reason = REFUSALS[name]
-    model = build()
-    with pytest.raises(flatscan.UnsupportedModel, match=reason):
-        flatscan.describe(model)
-    with pytest.raises(flatscan.UnsupportedModel, match=reason):
-        flatscan.scan(model, [images_and_labels(size=32)], device="cpu")
+    assert_refused(build(), reason)

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import pytest
 from test_adapters_common import assert_matches_autograd
-from test_timm_families import CLASSES, images_and_labels
+from test_timm_families import CLASSES, assert_refused
 from timm.layers import ConvNormAct
 from timm.models.inception_resnet_v2 import InceptionResnetV2
 from timm.models.inception_v3 import InceptionV3
 from timm.models.inception_v4 import InceptionV4
 from torch import nn
-
-import flatscan
 
 WIDTH = 2
 
@@ -73,8 +71,4 @@ REFUSALS = {
 @pytest.mark.parametrize("name", REFUSALS)
 def test_refusals_say_why(name: str) -> None:
     build, reason = REFUSALS[name]
-    model = build()
-    with pytest.raises(flatscan.UnsupportedModel, match=reason):
-        flatscan.describe(model)
-    with pytest.raises(flatscan.UnsupportedModel, match=reason):
-        flatscan.scan(model, [images_and_labels(size=75)], device="cpu")
+    assert_refused(build(), reason, size=75)

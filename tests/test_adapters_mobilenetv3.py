@@ -7,15 +7,13 @@ from functools import partial
 
 import pytest
 from test_adapters_common import assert_matches_autograd
-from test_timm_families import CLASSES, images_and_labels
+from test_timm_families import CLASSES, assert_refused
 from timm.layers import Linear
 from timm.models._efficientnet_blocks import SqueezeExcite
 from timm.models._efficientnet_builder import decode_arch_def
 from timm.models.ghostnet import GhostNet
 from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
-
-import flatscan
 
 HARD_SE = partial(SqueezeExcite, gate_layer="hard_sigmoid", force_act_layer=nn.ReLU)
 
@@ -91,8 +89,4 @@ REFUSALS = {
 @pytest.mark.parametrize("name", REFUSALS)
 def test_refusals_say_why(name: str) -> None:
     build, reason = REFUSALS[name]
-    model = build()
-    with pytest.raises(flatscan.UnsupportedModel, match=reason):
-        flatscan.describe(model)
-    with pytest.raises(flatscan.UnsupportedModel, match=reason):
-        flatscan.scan(model, [images_and_labels(size=32)], device="cpu")
+    assert_refused(build(), reason)

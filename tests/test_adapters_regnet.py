@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 from test_adapters_common import assert_matches_autograd
-from test_timm_families import CLASSES, images_and_labels
+from test_timm_families import CLASSES, assert_refused
 from timm.models.regnet import RegNet, RegNetCfg
 from torch import nn
-
-import flatscan
 
 
 def tiny_regnet(global_pool: str = "avg", **kwargs: object) -> RegNet:
@@ -62,8 +60,4 @@ REFUSALS = {
 @pytest.mark.parametrize("name", REFUSALS)
 def test_refusals_say_why(name: str) -> None:
     build, reason = REFUSALS[name]
-    model = build()
-    with pytest.raises(flatscan.UnsupportedModel, match=reason):
-        flatscan.describe(model)
-    with pytest.raises(flatscan.UnsupportedModel, match=reason):
-        flatscan.scan(model, [images_and_labels(size=32)], device="cpu")
+    assert_refused(build(), reason)

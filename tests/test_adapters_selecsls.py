@@ -7,11 +7,9 @@ from functools import partial
 import pytest
 import timm
 from test_adapters_common import assert_matches_autograd
-from test_timm_families import CLASSES, images_and_labels
+from test_timm_families import CLASSES, assert_refused
 from timm.models.selecsls import SelecSls, conv_bn
 from torch import nn
-
-import flatscan
 
 WIDTH = 3
 
@@ -39,8 +37,4 @@ REFUSALS = {
 @pytest.mark.parametrize("name", REFUSALS)
 def test_refusals_say_why(name: str) -> None:
     build, reason = REFUSALS[name]
-    model = build()
-    with pytest.raises(flatscan.UnsupportedModel, match=reason):
-        flatscan.describe(model)
-    with pytest.raises(flatscan.UnsupportedModel, match=reason):
-        flatscan.scan(model, [images_and_labels(size=64)], device="cpu")
+    assert_refused(build(), reason, size=64)

@@ -38,6 +38,14 @@ def images_and_labels(size: int, n: int = 3, seed: int = 1) -> tuple[torch.Tenso
     )
 
 
+def assert_refused(model: nn.Module, reason: str, size: int = 32) -> None:
+    """Both describe and scan refuse ``model`` with a reason matching ``reason``."""
+    with pytest.raises(flatscan.UnsupportedModel, match=reason):
+        flatscan.describe(model)
+    with pytest.raises(flatscan.UnsupportedModel, match=reason):
+        flatscan.scan(model, [images_and_labels(size=size)], device="cpu")
+
+
 def tiny_mobilenet_v2(act_layer: type[nn.Module], pad_type: str = "") -> EfficientNet:
     arch = decode_arch_def([["ds_r1_k3_s1_c8"], ["ir_r1_k3_s2_e2_c8"]])
     return EfficientNet(arch, num_classes=CLASSES, num_features=16, stem_size=8, act_layer=act_layer, pad_type=pad_type)
@@ -134,8 +142,4 @@ REFUSALS = {
 @pytest.mark.parametrize("name", REFUSALS)
 def test_refusals_say_why(name: str) -> None:
     build, reason = REFUSALS[name]
-    model = build()
-    with pytest.raises(flatscan.UnsupportedModel, match=reason):
-        flatscan.describe(model)
-    with pytest.raises(flatscan.UnsupportedModel, match=reason):
-        flatscan.scan(model, [images_and_labels(size=32)], device="cpu")
+    assert_refused(build(), reason)
