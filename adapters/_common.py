@@ -42,7 +42,8 @@ def require_plain_conv(model: nn.Module, name: str) -> nn.Conv2d:
     if type(conv) not in _PLAIN_CONVS and type(conv).forward is not nn.Conv2d.forward:
         raise UnsupportedModel(
             f"{name} is {type(conv).__name__}, whose forward transforms its weight (e.g. weight standardisation) "
-            "before convolving: the kernel it applies is not the stored weight the measure is about"
+            "before convolving: measure the kernel it applies with flatscan.inference_form(model) (flatscan's "
+            "loader does this)"
         )
     return conv
 

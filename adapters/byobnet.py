@@ -65,8 +65,8 @@ def describe_byobnet(model: ByobNet) -> NormalisedHead:
         if block.reparam_conv is None:
             raise UnsupportedModel(
                 f"{block_name} ({type(block).__name__}) is in its multi-branch training form: its branches are "
-                "fused into one kernel for inference; reparameterise the model first "
-                "(timm.utils.reparameterize_model(model)) so the measure is about the kernel it applies"
+                "fused into one kernel for inference; reparameterise the model first (flatscan.inference_form(model), "
+                "which flatscan's loader applies) so the measure is about the kernel it applies"
             )
         _require_no_gate(model, f"{block_name}.attn")
         act = f"{block_name}.act"

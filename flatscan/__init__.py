@@ -3,6 +3,7 @@
 from flatscan.contract import NormalisedHead, Tap
 from flatscan.errors import FlatscanError, ScanError, ScanInterrupted, UnsupportedModel
 from flatscan.flatness import Activation
+from flatscan.inference import inference_form
 from flatscan.registry import Adapter, describe, list_adapters, register
 from flatscan.scanner import ScanResult, scan
 from flatscan.verify import VerifyResult, verify
@@ -22,6 +23,7 @@ __all__ = [
     "VerifyResult",
     "__version__",
     "describe",
+    "inference_form",
     "list_adapters",
     "register",
     "scan",

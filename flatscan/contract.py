@@ -66,7 +66,7 @@ class NormalisedHead:
             "feature_layer": self.feature_layer,
             "pre_activation": f"{self.pre_activation.point} of {self.pre_activation.module}",
             "pooled": f"{self.pooled.point} of {self.pooled.module}",
-            "activation": self.activation.name,
+            "activation": self.activation.label,
             "head_type": self.head_type,
             "classifier": self.classifier,
             "channels": "all" if self.channels == slice(None) else f"{self.channels.start}:{self.channels.stop}",

@@ -34,14 +34,24 @@ _GELU_TANH_CUBIC = 0.044715
 
 @dataclass(frozen=True)
 class Activation:
-    """An element-wise activation with closed-form first and second derivatives."""
+    """An element-wise activation ``gain * sigma(v)`` with closed-form first and second derivatives.
+
+    ``gain`` is a constant factor on the output (NFNet's scaled activations), which a per-channel scale
+    before a nonlinearity cannot express.
+    """
 
     name: str
     negative_slope: float = 0.01  # leaky_relu only
+    gain: float = 1.0
 
     def __post_init__(self) -> None:
         if self.name not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.name!r}; known: {', '.join(ACTIVATIONS)}")
+
+    @property
+    def label(self) -> str:
+        """The name, with the gain when it is not 1 (e.g. ``1.7017*gelu``)."""
+        return self.name if self.gain == 1.0 else f"{self.gain:g}*{self.name}"
 
     @property
     def piecewise_linear(self) -> bool:
@@ -49,6 +59,16 @@ class Activation:
         return self.name in _PIECEWISE_LINEAR
 
     def __call__(self, v: Tensor) -> Tensor:
+        return self._sigma(v) if self.gain == 1.0 else self.gain * self._sigma(v)
+
+    def derivatives(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        """(gain * sigma'(v), gain * sigma''(v)), element-wise; kinks get the one-sided value (a null set)."""
+        slopes, curvatures = self._derivatives(v)
+        if self.gain == 1.0:
+            return slopes, curvatures
+        return self.gain * slopes, self.gain * curvatures
+
+    def _sigma(self, v: Tensor) -> Tensor:
         match self.name:
             case "identity":
                 return v
@@ -69,8 +89,7 @@ class Activation:
             case _:
                 return F.mish(v)
 
-    def derivatives(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        """(sigma'(v), sigma''(v)), element-wise; kinks get the one-sided value (a null set)."""
+    def _derivatives(self, v: Tensor) -> tuple[Tensor, Tensor]:
         zero = torch.zeros_like(v)
         match self.name:
             case "identity":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -32,6 +33,7 @@ from timm.models import PretrainedCfg, get_pretrained_cfg, load_state_dict, spli
 from torch import nn
 
 from flatscan.errors import FlatscanError
+from flatscan.inference import inference_form
 
 # The weight files of a timm-format repo or directory, in the order timm prefers them.
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -74,8 +76,21 @@ def load_model(
 
     ``offline`` (default: the ``HF_HUB_OFFLINE`` environment variable) reads the Hugging Face cache only.
     ``pretrained=False`` builds the architecture with random weights. Pickles are never unpickled beyond tensors.
+    The model comes in its inference form (:func:`flatscan.inference.inference_form`): multi-branch blocks
+    fused, weight-standardised convolutions holding the kernel they apply.
     """
-    offline = _is_offline(offline)
+    loaded = _resolve(name, checkpoint, arch, _is_offline(offline), pretrained, num_classes)
+    return dataclasses.replace(loaded, model=inference_form(loaded.model))
+
+
+def _resolve(
+    name: str | None,
+    checkpoint: str | Path | None,
+    arch: str | None,
+    offline: bool,
+    pretrained: bool,
+    num_classes: int | None,
+) -> LoadedModel:
     if checkpoint is not None:
         if name is not None:
             raise ModelLoadError(f"give a model name ({name!r}) or --checkpoint with --arch, not both")

@@ -21,8 +21,9 @@ from flatscan.contract import NormalisedHead, Tap
 from flatscan.errors import ScanError, ScanInterrupted, UnsupportedModel
 from flatscan.registry import describe
 
-# Per-chunk working memory for the C x C (and classes x C) per-sample matrices of kappa.
-_CHUNK_BYTES = 256 * 2**20
+# Per-chunk working memory for the per-sample matrices (C x C and classes x C for kappa). A GPU gets more: each
+# chunk is a few dozen kernel launches, and small chunks leave it waiting on them.
+_CHUNK_BYTES = {"cpu": 256 * 2**20, "cuda": 2 * 2**30}
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class _Moments:
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
 
     def add(self, values: Tensor) -> None:
-        values = values.detach().to("cpu", torch.float64)
+        """Merge per-sample ``values`` (float64, on the CPU)."""
         count = values.numel()
         mean = values.mean().item()
         m2 = (values - mean).square().sum().item()
@@ -189,7 +190,7 @@ def _check_normalisation(
     if (expected - got).abs().max() > tolerance * (1 + got.abs().max()):
         raise UnsupportedModel(
             f"the pooled vector ({head.pooled.point} of {head.pooled.module}) is not the average of "
-            f"{head.activation.name}(pre-activation at {head.pre_activation.module}): something between "
+            f"{head.activation.label}(pre-activation at {head.pre_activation.module}): something between "
             f"the feature layer and the pool is not element-wise, or the {head.family} adapter is wrong"
         )
     if head.head_fn is not None:
@@ -218,6 +219,18 @@ def _constants(model: nn.Module, head: NormalisedHead, device: torch.device, dty
         channel_scale=head.channel_scale.to(device, dtype),
         kernel_gram=kernel @ kernel.T,
     )
+
+
+def _chunk_size(const: _Constants, device: torch.device, trace_only: bool) -> int:
+    """Samples per chunk of the closed form, so that its per-sample matrices fit the device's chunk budget."""
+    channels, classes = const.kernel_gram.shape[0], const.classifier_weight.shape[0]
+    kernel_size = const.feature_layer.weight[0].numel()  # D, the length of g_c when g is formed
+    # Per sample: a few (classes, C) and (C, D) matrices, and for kappa (C, C) ones too.
+    per_sample = channels * max(classes, kernel_size, 0 if trace_only else channels) * 3
+    budget = _CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    if device.type == "cuda":
+        budget = min(budget, torch.cuda.mem_get_info(device)[0] // 4)
+    return max(1, budget // (per_sample * const.kernel_gram.element_size()))
 
 
 def _taps(head: NormalisedHead) -> dict[str, Tap]:
@@ -296,7 +309,7 @@ def _result(
         architecture=getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__,
         family=head.family,
         feature_layer=head.feature_layer,
-        activation=head.activation.name,
+        activation=head.activation.label,
         head_type=head.head_type,
         n_samples=moments["loss"].count,
         trace=moments["trace"].mean,
@@ -345,8 +358,7 @@ def scan(
     names = ["trace", "classifier_flatness", "loss", "correct", "correct_top5"]
     names += [] if trace_only else ["relative_flatness"]
     moments = {name: _Moments() for name in names}
-    channels, classes = const.kernel_gram.shape[0], const.classifier_weight.shape[0]
-    chunk = max(1, _CHUNK_BYTES // (channels * max(channels, classes) * const.kernel_gram.element_size() * 3))
+    chunk = _chunk_size(const, dev, trace_only)
     autocast = partial(torch.autocast, dev.type, torch.bfloat16 if dev.type == "cpu" else torch.float16)
     start, n_seen = time.perf_counter(), 0
     try:
@@ -355,11 +367,12 @@ def scan(
                 if max_samples is not None:
                     images, labels = images[: max_samples - n_seen], labels[: max_samples - n_seen]
                 images = images.to(dev, param_dtype if images.is_floating_point() else None)
-                labels = labels.to(dev)
+                # Checked where the loader made them (the CPU, as a rule): a check on the GPU would wait for it.
+                given_labels, labels = labels, labels.to(dev, non_blocking=True)
                 with autocast() if amp else nullcontext():
                     logits, tapped = recorder.forward(model, images)
-                if labels.min() < 0 or labels.max() >= logits.shape[1]:
-                    bad = labels[(labels < 0) | (labels >= logits.shape[1])][0].item()
+                if given_labels.min() < 0 or given_labels.max() >= logits.shape[1]:
+                    bad = given_labels[(given_labels < 0) | (given_labels >= logits.shape[1])][0].item()
                     raise ScanError(
                         f"label {bad} is outside the model's {logits.shape[1]} classes; "
                         "map the dataset's labels to the model's classes"
@@ -370,12 +383,16 @@ def scan(
                     _check_normalisation(
                         head, tapped["pre_activation"].flatten(2), tapped["pooled"].flatten(1), logits, tap_dtype
                     )
+                values: dict[str, list[Tensor]] = {name: [] for name in names}
                 for lo in range(0, labels.shape[0], chunk):
                     part = slice(lo, lo + chunk)
                     parts = {key: value[part] for key, value in tapped.items()}
-                    values = _measure(head, const, parts, logits[part], labels[part], trace_only)
-                    for name, value in values.items():
-                        moments[name].add(value)
+                    for name, value in _measure(head, const, parts, logits[part], labels[part], trace_only).items():
+                        values[name].append(value)
+                # One device-to-host copy per batch: a copy per chunk and measure would stall a GPU on each.
+                per_sample = torch.stack([torch.cat(values[name]) for name in names]).cpu()
+                for name, row in zip(names, per_sample, strict=True):
+                    moments[name].add(row)
                 n_seen += labels.shape[0]
                 if on_batch is not None and on_batch(_result(model, head, moments, dev, time.perf_counter() - start)):
                     break

@@ -115,9 +115,9 @@ def detect(arch: str) -> dict[str, Any]:
     try:
         try:
             with torch.device("meta"):
-                model = timm.create_model(arch, pretrained=False)
-        except Exception:  # some constructors compute on tensors (e.g. .item()), which meta cannot
-            model = timm.create_model(arch, pretrained=False)
+                model = flatscan.inference_form(timm.create_model(arch, pretrained=False))
+        except Exception:  # some constructors and fusions compute on tensors (e.g. .item()), which meta cannot
+            model = flatscan.inference_form(timm.create_model(arch, pretrained=False))
     except Exception as error:
         return {**row, "status": "failed", "reason": f"build: {type(error).__name__}: {error}"[:300]}
     row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
@@ -133,7 +133,7 @@ def detect(arch: str) -> dict[str, Any]:
         "status": "supported",
         "family": head.family,
         "feature_layer": head.feature_layer,
-        "activation": head.activation.name,
+        "activation": head.activation.label,
         "head_type": head.head_type,
         "seconds": time.perf_counter() - start,
     }
@@ -142,7 +142,8 @@ def detect(arch: str) -> dict[str, Any]:
 def verify_at(arch: str, size: int) -> flatscan.VerifyResult:
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False).eval()
-    randomise_for_verify(model)
+    randomise_for_verify(model)  # before fusing: multi-branch fusion folds the BatchNorm statistics
+    model = flatscan.inference_form(model)
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(VERIFY_BATCH, 3, size, size, generator=generator)
     labels = torch.randint(0, model.num_classes, (VERIFY_BATCH,), generator=generator)
@@ -217,7 +218,9 @@ def markdown(frame: pd.DataFrame, seconds: float, command: str) -> str:
         f"{seconds / 60:.1f} min. Command: `{command}`.",
         "",
         "An architecture counts as convolutional when none of its modules is an attention block (channel gates such as "
-        "SE/ECA/SK do not count as attention). Detection builds each model on the meta device; `verify` builds it at "
+        "SE/ECA/SK do not count as attention). Each model is taken in its inference form, as flatscan's loader does "
+        "(`flatscan.inference_form`: multi-branch blocks fused, weight-standardised convolutions materialised). "
+        "Detection builds each model on the meta device; `verify` builds it at "
         f"random init with randomised normalisation statistics and compares closed-form Tr(H_cc') with autograd on 16 "
         f"sampled filter pairs ({VERIFY_BATCH} images of {VERIFY_SIZE} px, float64, tolerance 1e-8), and checks by "
         f"data flow that no weight layer sits between the feature layer and the head. Within a group of architectures "

@@ -23,6 +23,7 @@ from huggingface_hub import constants
 from timm.models import save_for_hf
 from torch import nn
 
+import flatscan
 from flatscan.models import ModelLoadError, OfflineCacheMiss, load_model
 
 REPO = "test-org/tiny-resnet"
@@ -358,3 +359,21 @@ def test_hub_end_to_end_in_fresh_processes(tmp_path: Path, hub: HubServer, saved
             assert ("HEAD", f"/{TIMM_REPO}/resolve/main/model.safetensors") in hub.requests[before:]
         else:
             assert hub.requests[before:] == []
+
+
+@pytest.mark.parametrize(("arch", "family"), [("test_nfnet", "nfnet"), ("repvgg_a0", "byobnet")])
+def test_models_load_in_their_inference_form(arch: str, family: str) -> None:
+    """Weight-standardised and multi-branch layers come materialised and fused, computing the same function."""
+    torch.manual_seed(0)
+    built = timm.create_model(arch, pretrained=False).eval()
+    randomise_norms(built, torch.Generator().manual_seed(0))
+    built = built.double()
+    with pytest.raises(flatscan.UnsupportedModel, match="inference_form"):
+        flatscan.describe(built)
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    expected = built(images)
+    loaded = load_model(arch, pretrained=False).model
+    fused = flatscan.inference_form(built)
+    assert flatscan.describe(fused).family == family
+    assert flatscan.describe(loaded).family == family
+    torch.testing.assert_close(fused(images), expected, rtol=1e-9, atol=1e-9 * expected.abs().max().item())
