@@ -6,11 +6,12 @@ read and check those modules and build the :class:`NormalisedHead`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
-from timm.layers import Conv2dSame, ConvNormAct
+from timm.layers import Conv2dSame, ConvNormAct, NormMlpClassifierHead
 from timm.layers.conv2d_same import Conv2dSameExport
-from torch import nn
+from torch import Tensor, nn
 
 from flatscan.contract import (
     NormalisedHead,
@@ -21,6 +22,7 @@ from flatscan.contract import (
     require_linear,
 )
 from flatscan.errors import UnsupportedModel
+from flatscan.flatness import Activation
 
 # Convolutions whose forward applies ``.weight`` itself (timm's 'SAME' variants only pad the input first).
 _PLAIN_CONVS = (nn.Conv2d, Conv2dSame, Conv2dSameExport)
@@ -144,3 +146,120 @@ def pooled_conv_head(model: nn.Module, family: str) -> NormalisedHead:
         pool="global_pool",
         classifier="classifier",
     )
+
+
+def require_feature_layer(model: nn.Module, name: str) -> nn.Module:
+    """The feature layer ``name``: a plain Conv2d (:func:`require_plain_conv`) or a Linear on a channels-last map."""
+    layer = submodule(model, name)
+    if isinstance(layer, nn.Linear):
+        if type(layer).forward is not nn.Linear.forward:
+            raise UnsupportedModel(f"{name} is {type(layer).__name__}, a Linear whose forward is not nn.Linear's")
+        return layer
+    return require_plain_conv(model, name)
+
+
+def layer_scaled_residual_head(
+    model: nn.Module,
+    *,
+    family: str,
+    feature_layer: str,
+    layer_scale: Tensor | None,
+    pre_activation: Tap,
+    pooled: Tap,
+    classifier: str,
+    head_fn: Callable[[Tensor], Tensor] | None = None,
+    channels: slice | None = None,
+) -> NormalisedHead:
+    """feature_layer -> [* layer_scale] [+ shortcut] -> GAP -> head, with no activation in between (ConvNeXt-like).
+
+    ``layer_scale`` is the per-channel scale on the feature layer's output (None: 1); a scale on the shortcut
+    is part of the residual. ``pre_activation`` reads v (channel-first, pooled channel layout), ``pooled`` the
+    pooled vector; logits are ``head_fn(pooled)``, or ``classifier(pooled)`` when ``head_fn`` is None.
+    """
+    require_linear(submodule(model, classifier), classifier)
+    layer = require_feature_layer(model, feature_layer)
+    out_channels = layer.weight.shape[0]
+    scale = layer.weight.new_ones(out_channels) if layer_scale is None else layer_scale.flatten()
+    if scale.shape[0] != out_channels:
+        raise UnsupportedModel(
+            f"{feature_layer} has {out_channels} output channels but its layer scale has {scale.shape[0]}"
+        )
+    return NormalisedHead(
+        family=family,
+        feature_layer=feature_layer,
+        pre_activation=pre_activation,
+        pooled=pooled,
+        channel_scale=scale.detach(),
+        activation=Activation("identity"),
+        classifier=classifier,
+        head_fn=head_fn,
+        channels=slice(None) if channels is None else channels,
+    )
+
+
+def norm_mlp_head_logits(head: NormMlpClassifierHead, pooled: Tensor) -> Tensor:
+    """timm's NormMlpClassifierHead after its global pool, on the pooled vector (N, C): norm -> [MLP] -> fc."""
+    x = head.flatten(head.norm(pooled[:, :, None, None]))
+    return head.fc(head.drop(head.pre_logits(x)))
+
+
+def conv_bn(model: nn.Module, name: str) -> tuple[str, Tensor]:
+    """The convolution in ``name`` and its per-channel BatchNorm scale.
+
+    ``name`` is a LeViT-style ``ConvNorm`` (a Sequential of conv ``c`` and BatchNorm ``bn``: SHViT, RepViT,
+    iFormer), or the biased Conv2d that ``timm.utils.reparameterize_model`` fuses it into (scale 1).
+    """
+    module = submodule(model, name)
+    if isinstance(module, nn.Sequential) and list(module._modules) == ["c", "bn"]:
+        return f"{name}.c", batchnorm_scale(module.bn, f"{name}.bn")
+    conv = require_plain_conv(model, name)
+    return name, conv.weight.new_ones(conv.out_channels).detach()
+
+
+def bn_linear_classifier(model: nn.Module, name: str) -> tuple[str, Callable[[Tensor], Tensor] | None]:
+    """(classifier, head function) of the head ``name`` that reads the pooled vector.
+
+    A Linear is the classifier itself (no head function). timm's ``NormLinear`` (BatchNorm1d -> Linear: SHViT,
+    RepViT, iFormer) is a head function whose Linear ``l`` is the classifier. timm's ``RepVitClassifier`` wraps
+    one, or averages two in distilled models; ``reparameterize_model`` fuses either into one Linear.
+    """
+    module = submodule(model, name)
+    if isinstance(getattr(module, "distillation", None), bool):  # RepVitClassifier (RepViT, iFormer)
+        if module.distillation and not isinstance(module.head_dist, nn.Identity):
+            raise UnsupportedModel(
+                f"{name} averages the logits of two classifiers (head and the distillation head_dist), so no "
+                "single Linear layer produces the logits; reparameterise the model first "
+                "(timm.utils.reparameterize_model(model)), which fuses them into the one Linear it deploys"
+            )
+        return bn_linear_classifier(model, f"{name}.head")
+    if isinstance(module, nn.Sequential) and list(module._modules) == ["bn", "l"]:
+        norm = module.bn
+        if not isinstance(norm, nn.BatchNorm1d) or norm.running_mean is None:
+            raise UnsupportedModel(f"{name}.bn is not a BatchNorm1d with running statistics: the head is not fixed")
+        require_linear(module.l, f"{name}.l")
+        return f"{name}.l", module
+    require_linear(module, name)
+    return name, None
+
+
+def nas_cell_head(model: nn.Module, family: str, cell: str) -> NormalisedHead:
+    """NASNet / PNASNet: the last cell concatenates its branches, then act (ReLU) -> global_pool -> last_linear.
+
+    The last weight layer executed is the point-wise conv of the cell's last branch ``comb_iter_4_left``
+    (-> bn_sep_2, + the cell's right input or its 1x1 projection); it feeds the last channels of the concat.
+    """
+    if getattr(model, cell, None) is None:
+        raise UnsupportedModel(f"{cell} was pruned (prune_intermediate_layers): the classifier head is gone")
+    branch = f"{cell}.comb_iter_4_left"
+    head = normalised_head(
+        model,
+        family=family,
+        feature_layer=f"{branch}.separable_2.pointwise_conv2d",
+        norm=f"{branch}.bn_sep_2",
+        activation="act",
+        pool="global_pool",
+        classifier="last_linear",
+    )
+    # bn_sep_2 spans only the branch's channels; act's input (the pre-activation) spans the whole concat.
+    total = model.num_features
+    return replace(head, channels=slice(total - head.channel_scale.shape[0], total))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,11 +19,13 @@ from rich.table import Table
 from rich.text import Text
 
 import flatscan
+from flatscan import study, zoo
 from flatscan.data import DataOptions, open_eval_data
 from flatscan.errors import FlatscanError, ScanInterrupted
-from flatscan.leaderboard import build_leaderboard, write_reports
+from flatscan.leaderboard import Leaderboard, build_leaderboard, write_reports
 from flatscan.models import LoadedModel, load_model
 from flatscan.org import AuditRow, audit_org
+from flatscan.ray_audit import DEFAULT_MEMORY_GB, DEFAULT_RETRIES, audit_org_ray
 from flatscan.reported import ReportedAccuracy
 from flatscan.runs import result_record, scan_with_retry
 from flatscan.scanner import ScanResult, resolve_device
@@ -376,7 +380,9 @@ def leaderboard(
 
 @app.command()
 def org(
-    name: Annotated[str, typer.Argument(help="Hub organisation or user, e.g. timm")],
+    name: Annotated[
+        str, typer.Argument(help="Hub organisation or user (timm), or a directory of model folders (./zoo)")
+    ],
     store: Annotated[Path, typer.Option(help="SQLite results store")] = Path("flatscan-results.sqlite"),
     pattern: Annotated[str | None, typer.Option("--filter", help="glob on the model name, e.g. 'resnet*'")] = None,
     limit: Annotated[
@@ -403,9 +409,23 @@ def org(
     amp: AmpOpt = False,
     seed: SeedOpt = 0,
     trace_only: TraceOnlyOpt = False,
+    ray: Annotated[
+        bool, typer.Option("--ray", help="one task per model on a Ray cluster (pip install 'flatscan[ray]')")
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join (implies --ray): auto, HOST:6379, ray://HOST:10001 (default: local)"),
+    ] = None,
+    ray_gpus: Annotated[
+        float | None, typer.Option(min=0, help="GPUs per model task (default: 1 if the cluster has GPUs, else 0)")
+    ] = None,
+    ray_memory_gb: Annotated[
+        float, typer.Option(min=0, help="memory per model task, a hint to Ray's scheduler")
+    ] = DEFAULT_MEMORY_GB,
+    ray_retries: Annotated[int, typer.Option(min=0, help="retries of a task whose worker dies")] = DEFAULT_RETRIES,
     debug: Debug = False,
 ) -> None:
-    """Audit every image-classification model of a Hub organisation; each row is committed as it finishes."""
+    """Audit every image-classification model of a Hub organisation or a local directory, one committed row each."""
     torch.manual_seed(seed)
 
     def action() -> None:
@@ -428,8 +448,14 @@ def org(
             task = progress.add_task(model_name, total=num_samples, kappa="-", rate="")
             return _progress_callback(progress, task, None)
 
+        on_ray = ray or ray_address is not None
+        audit: Callable[..., list[AuditRow]] = audit_org
+        if on_ray:
+            audit = partial(
+                audit_org_ray, address=ray_address, num_gpus=ray_gpus, memory_gb=ray_memory_gb, max_retries=ray_retries
+            )
         with ResultsStore(store) as results, progress:
-            rows = audit_org(
+            rows = audit(
                 name,
                 results,
                 options,
@@ -439,7 +465,8 @@ def org(
                 offline=offline,
                 force=force,
                 num_samples=num_samples,
-                device=resolve_device(device),
+                # On Ray, each worker resolves it: "auto" is the task's GPU when Ray gives it one.
+                device=device if on_ray else resolve_device(device),
                 amp=amp,
                 trace_only=trace_only,
                 on_model=on_model,
@@ -454,3 +481,192 @@ def org(
         )
 
     _run(debug, action, name)
+
+
+zoo_app = typer.Typer(
+    help="Model zoos: small timm CNNs trained with varied hyperparameters, saved as a local organisation.",
+    no_args_is_help=True,
+)
+app.add_typer(zoo_app, name="zoo")
+PresetOpt = Annotated[str, typer.Option(help="demo (10 models, a minute) or study (64 models)")]
+ZooSizeOpt = Annotated[int | None, typer.Option("--size", min=1, help="number of models (default: the preset's)")]
+EpochsOpt = Annotated[int | None, typer.Option(min=1, help="training epochs of every model (default: the grid's)")]
+
+
+def _training_progress(progress: Progress, task: int) -> tuple[Callable[..., None], Callable[..., None]]:
+    """on_model and on_step callbacks of train_zoo that drive ``progress``: one bar for the zoo, one per model."""
+    bars: dict[str, int] = {}
+
+    def on_step(name: str, step: int, steps: int) -> None:
+        if name not in bars:
+            bars[name] = progress.add_task(f"  {name}", total=steps)
+        progress.update(bars[name], completed=step)
+
+    def on_model(model: zoo.ZooModel, done: int, total: int, reused: bool) -> None:
+        if model.name in bars:
+            progress.remove_task(bars.pop(model.name))
+        progress.update(task, completed=done, total=total)
+
+    return on_model, on_step
+
+
+def _bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=errors
+    )
+
+
+@zoo_app.command("train")
+def zoo_train(
+    out: Annotated[Path, typer.Argument(help="zoo directory: one timm/Hub-format folder per model, manifest.json/csv")],
+    preset: PresetOpt = "study",
+    spec: Annotated[
+        Path | None, typer.Option(help="JSON file of zoo spec fields (size, seed, grid, img_size, ...) over the preset")
+    ] = None,
+    size: ZooSizeOpt = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the sample and the models (default: the preset's)")] = None,
+    epochs: EpochsOpt = None,
+    img_size: Annotated[int | None, typer.Option(min=8, help="input size in pixels (default 16)")] = None,
+    dataset: DatasetOpt = None,
+    train_split: Annotated[str | None, typer.Option(help="split to train on (default train)")] = None,
+    test_split: Annotated[str | None, typer.Option(help="split to test on (default test)")] = None,
+    num_classes: Annotated[int | None, typer.Option(min=2, help="classes of the dataset (default 10)")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch threads while training (default 1)")] = None,
+    debug: Debug = False,
+) -> None:
+    """Train a zoo (seeded: the same spec gives the same weights); audit it with `flatscan org DIR`."""
+
+    def action() -> None:
+        zoo_spec = zoo.load_spec(
+            preset, spec, size=size, seed=seed, epochs=epochs, img_size=img_size, dataset=dataset,
+            train_split=train_split, test_split=test_split, num_classes=num_classes, threads=threads,
+        )  # fmt: skip
+        progress = _bar()
+        with progress:
+            on_model, on_step = _training_progress(progress, progress.add_task("training the zoo", total=None))
+            zoo.train_zoo(zoo_spec, out, on_model=on_model, on_step=on_step)
+        root = out.expanduser().resolve()
+        table = Table(title=f"{root}: {zoo.MANIFEST} / {zoo.MANIFEST_CSV}")
+        for column in ("model", "architecture", "params", "train acc", "test acc", "seconds"):
+            table.add_column(column, justify="left" if column in ("model", "architecture") else "right")
+        for model in zoo.read_manifest(root):
+            table.add_row(
+                model.name, model.architecture, f"{model.params:,}", f"{100 * model.train_accuracy:.1f}",
+                f"{100 * model.test_accuracy:.1f}", f"{model.seconds:.1f}",
+            )  # fmt: skip
+        console.print(table)
+        console.print(f"audit it with: flatscan org {root} --dataset {zoo_spec.dataset} --split {zoo_spec.test_split}")
+
+    _run(debug, action)
+
+
+def _estimate(value: float, low: float, high: float) -> str:
+    """``+0.42 [+0.10, +0.70]``; NaN (fewer than 3 models, constant ranks) as ``-``."""
+    if math.isnan(value):
+        return "-"
+    return f"{value:+.2f}" + ("" if math.isnan(low) else f" [{low:+.2f}, {high:+.2f}]")
+
+
+@zoo_app.command("study")
+def zoo_study(
+    zoo_dir: Annotated[Path, typer.Argument(help="zoo directory trained by `flatscan zoo train`")],
+    out: Annotated[Path, typer.Option(help="directory for study.md, study.csv, study_spec.json and plots")] = Path(
+        "reports"
+    ),
+    probes: Annotated[int, typer.Option(min=2, help="Rademacher probes of the Hutchinson trace")] = 32,
+    sharpness_criterion: Annotated[
+        str, typer.Option(help="what the perturbation may raise: error (Jiang et al.) or cross_entropy")
+    ] = "error",
+    sharpness_threshold: Annotated[float, typer.Option(help="largest mean increase of the criterion")] = 0.1,
+    sharpness_samples: Annotated[int, typer.Option(min=1, help="Gaussian draws per sigma")] = 8,
+    weightwatcher: Annotated[
+        bool, typer.Option("--weightwatcher/--no-weightwatcher", help="WeightWatcher's alpha_weighted (extra: study)")
+    ] = True,
+    resamples: Annotated[int, typer.Option(min=10, help="bootstrap resamples of the models")] = 1000,
+    seed: Annotated[int, typer.Option(help="seed of the probes, perturbations and bootstrap")] = 0,
+    device: DeviceOpt = "cpu",
+    debug: Debug = False,
+) -> None:
+    """Does relative flatness predict generalisation? Measure every zoo model, rank-correlate with its gap."""
+
+    def action() -> None:
+        options = study.StudyOptions(
+            probes=probes,
+            sharpness_criterion=sharpness_criterion,
+            sharpness_threshold=sharpness_threshold,
+            sharpness_samples=sharpness_samples,
+            weightwatcher=weightwatcher,
+            seed=seed,
+            device=device,
+        )
+        arguments = [str(zoo_dir), "--out", str(out), "--probes", str(probes)]
+        arguments += ["--sharpness-criterion", sharpness_criterion, "--sharpness-threshold", str(sharpness_threshold)]
+        arguments += ["--sharpness-samples", str(sharpness_samples), "--resamples", str(resamples), "--seed", str(seed)]
+        arguments += ["--device", device] + ([] if weightwatcher else ["--no-weightwatcher"])
+        progress = _bar()
+        with progress:
+            task = progress.add_task("measuring the zoo", total=None)
+            result = study.run_study(
+                zoo_dir,
+                options,
+                resamples=resamples,
+                on_model=lambda name, done, total, reused: progress.update(task, completed=done, total=total),
+            )
+        table = Table(title=Text("Kendall tau with the accuracy gap (train - test), 95% bootstrap CIs"))
+        for column in ("measure", "n", "tau", "psi (granulated)"):
+            table.add_column(column, justify="left" if column == "measure" else "right")
+        rows = result.correlations[result.correlations["target"] == "gap_accuracy"]
+        for row in rows.itertuples(index=False):
+            tau = _estimate(row.tau, row.tau_ci_low, row.tau_ci_high)
+            table.add_row(row.measure, str(row.n), tau, _estimate(row.psi, row.psi_ci_low, row.psi_ci_high))
+        console.print(table)
+        for path in study.write_study(result, out, "flatscan zoo study " + shlex.join(arguments)):
+            console.print(f"wrote {path}")
+
+    _run(debug, action, str(zoo_dir))
+
+
+def _print_correlations(board: Leaderboard) -> None:
+    table = Table(title=Text("rank correlation with reported top-1 (the zoo's test accuracy), 95% bootstrap CIs"))
+    for column in ("measure", "group", "n", "Kendall tau", "Spearman rho"):
+        table.add_column(column, justify="left" if column in ("measure", "group") else "right")
+    for row in board.correlations.itertuples(index=False):
+        tau = _estimate(row.kendall_tau, row.tau_ci_low, row.tau_ci_high)
+        rho = _estimate(row.spearman_rho, row.rho_ci_low, row.rho_ci_high)
+        table.add_row(Text(row.measure), Text(str(row.group)), str(row.n), tau, rho)
+    console.print(table)
+
+
+@app.command()
+def demo(
+    zoo_dir: Annotated[
+        Path | None, typer.Option(help="zoo directory (default: a cache folder per spec, ~/.cache/flatscan/zoo)")
+    ] = None,
+    size: ZooSizeOpt = None,
+    epochs: EpochsOpt = None,
+    store: Annotated[Path | None, typer.Option(help="results store (default: in the zoo directory)")] = None,
+    out: Annotated[Path | None, typer.Option(help="directory for the reports (default: reports/ in the zoo)")] = None,
+    debug: Debug = False,
+) -> None:
+    """Train (or reuse) ~10 small CNNs on digits, audit them as `flatscan org` does, rank them: offline, CPU."""
+
+    def action() -> None:
+        spec = zoo.load_spec("demo", size=size, epochs=epochs)
+        progress = _bar()
+        with progress:
+            on_model, on_step = _training_progress(progress, progress.add_task("training the zoo", total=None))
+            audit_task = progress.add_task("auditing", total=None, visible=False)
+
+            def on_audit(row: AuditRow, done: int, total: int) -> None:
+                progress.update(audit_task, completed=done, total=total, visible=True)
+                if row.status in ("unsupported", "failed"):
+                    errors.print(Text(f"{row.status}: {row.model}: {row.reason}"), soft_wrap=True, highlight=False)
+
+            result = zoo.run_demo(spec, zoo_dir, store, on_model=on_model, on_step=on_step, on_audit=on_audit)
+        console.print(result.board.rich_table())
+        _print_correlations(result.board)
+        for path in write_reports(result.board, out or result.zoo / "reports"):
+            console.print(f"wrote {path}")
+        console.print(f"zoo: {result.zoo} ({len(result.models)} models; flatscan org {result.zoo} audits it again)")
+
+    _run(debug, action)

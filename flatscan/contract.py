@@ -30,6 +30,7 @@ class Tap:
 
     module: str
     point: Literal["input", "output"] = "output"
+    channels_last: bool = False  # the tensor is (N, ..., C), as channels-last models (MambaOut) keep their maps
 
 
 @dataclass(frozen=True, eq=False)

@@ -171,6 +171,8 @@ def open_eval_data(model: nn.Module, options: DataOptions) -> EvalData:
 
 def _num_classes(model: nn.Module) -> int:
     classes = getattr(model, "num_classes", None)
+    if classes is None:  # transformers classifiers keep it in their config
+        classes = getattr(getattr(model, "config", None), "num_labels", None)
     if not isinstance(classes, int) or classes < 1:
         raise DataError(
             f"cannot tell how many classes {type(model).__name__} has (num_classes={classes!r}): "

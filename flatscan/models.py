@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import pickle
 import re
@@ -34,11 +35,20 @@ from torch import nn
 
 from flatscan.errors import FlatscanError
 from flatscan.inference import inference_form
+from flatscan.registry import list_adapters
 
 # The weight files of a timm-format repo or directory, in the order timm prefers them.
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(@[\w./-]+)?")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+# A transformers repo's image processor settings: its preprocessing.
+_PREPROCESSOR = "preprocessor_config.json"
+_NO_PROCESSOR = (
+    f"fix or remove its {_PREPROCESSOR} (without one, timm's default preprocessing applies, which --img-size, "
+    "--crop-pct, --interpolation, --mean and --std override)"
+)
+# transformers' ``resample`` (PIL filter numbers) as timm interpolation names.
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
 class ModelLoadError(FlatscanError):
@@ -57,7 +67,7 @@ class LoadedModel:
 
     model: nn.Module  # eval mode, weights loaded, on CPU
     name: str  # canonical id, as the user would type it again
-    architecture: str  # timm architecture name
+    architecture: str  # timm architecture name, or the transformers class (ResNetForImageClassification)
     source: str  # "timm" | "hub" | "local" | "checkpoint" | "random"
     revision: str | None  # Hub commit sha when loaded from the Hub
 
@@ -74,10 +84,11 @@ def load_model(
     """Load a timm name, ``hf-hub:owner/name[@revision]``, ``owner/name``, a local timm-format directory, or
     ``checkpoint`` (safetensors or torch state dict) for the timm architecture ``arch``.
 
-    ``offline`` (default: the ``HF_HUB_OFFLINE`` environment variable) reads the Hugging Face cache only.
-    ``pretrained=False`` builds the architecture with random weights. Pickles are never unpickled beyond tensors.
-    The model comes in its inference form (:func:`flatscan.inference.inference_form`): multi-branch blocks
-    fused, weight-standardised convolutions holding the kernel they apply.
+    A Hub repo or directory in transformers format (``save_pretrained``) loads with transformers when flatscan's
+    ``transformers`` extra is installed. ``offline`` (default: the ``HF_HUB_OFFLINE`` environment variable) reads
+    the Hugging Face cache only. ``pretrained=False`` builds the architecture with random weights. Pickles are never
+    unpickled beyond tensors. The model comes in its inference form (:func:`flatscan.inference.inference_form`):
+    multi-branch blocks fused, weight-standardised convolutions holding the kernel they apply.
     """
     loaded = _resolve(name, checkpoint, arch, _is_offline(offline), pretrained, num_classes)
     return dataclasses.replace(loaded, model=inference_form(loaded.model))
@@ -177,6 +188,8 @@ def _from_timm(name: str, offline: bool, pretrained: bool, num_classes: int | No
 def _from_hub(hub_id: str, offline: bool, pretrained: bool, num_classes: int | None) -> LoadedModel:
     repo_id, _, revision = hub_id.partition("@")
     config = _fetch(repo_id, ("config.json",), revision or None, offline)
+    if _transformers_architecture(_read_config(Path(config))) is not None:
+        _fetch_if_present(repo_id, _PREPROCESSOR, revision or None, offline)
     weights = _fetch(repo_id, _WEIGHTS, revision or None, offline) if pretrained else None
     # The snapshot directory of the cache is a timm-format directory like any other.
     model, arch = _build_from_config(Path(config).parent, f"hf-hub:{repo_id}", weights, num_classes)
@@ -277,9 +290,22 @@ def _fetch(repo_id: str, filenames: tuple[str, ...], revision: str | None, offli
             f"`hf download {repo_id} {filenames[0]}{revision_option}`"
         )
     raise ModelLoadError(
-        f"hf-hub:{repo_id}{at} has no {wanted}: flatscan loads timm-format repos (config.json and model.safetensors); "
-        "transformers models are not supported yet"
+        f"hf-hub:{repo_id}{at} has no {wanted}: flatscan loads timm-format and transformers repos (config.json and "
+        "model.safetensors)"
     )
+
+
+def _fetch_if_present(repo_id: str, filename: str, revision: str | None, offline: bool) -> str | None:
+    """Cache path of ``filename`` of the repo, or None when the repo has no such file (offline: none is cached)."""
+    try:
+        with _hub_offline() if offline else nullcontext():
+            return hf_hub_download(repo_id, filename, revision=revision, local_files_only=offline)
+    except RemoteEntryNotFoundError:
+        return None
+    except LocalEntryNotFoundError:
+        if offline:
+            return None
+        return _fetch(repo_id, (filename,), revision, offline)  # its error message names the network problem
 
 
 @contextmanager
@@ -304,17 +330,18 @@ def _snapshot_commit(path: str) -> str | None:
 def _build_from_config(
     directory: Path, where: str, weights: str | None, num_classes: int | None
 ) -> tuple[nn.Module, str]:
-    """The timm model that ``directory/config.json`` describes, with ``weights`` loaded (random when None)."""
-    config_file = directory / "config.json"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelLoadError(f"cannot read {config_file} ({_first_line(error)}): re-export or re-download it") from None
+    """The timm or transformers model that ``directory/config.json`` describes, with ``weights`` loaded (random when
+    None)."""
+    config = _read_config(directory / "config.json")
     arch = config.get("architecture") if isinstance(config, dict) else None
     if not isinstance(arch, str):
+        transformers_arch = _transformers_architecture(config)
+        if transformers_arch is not None:
+            return _build_transformers(directory, where, transformers_arch, weights, num_classes)
         raise ModelLoadError(
-            f"{where} is not a timm model: its config.json names no 'architecture' (transformers models are not "
-            "supported yet); flatscan loads timm-format models, as written by timm.models.save_for_hf"
+            f"{where} is not a timm model: its config.json names no 'architecture' (timm) nor 'architectures' "
+            "(transformers); flatscan loads timm-format models, as written by timm.models.save_for_hf, and "
+            "transformers image classifiers, as written by save_pretrained"
         )
     _timm_cfg(arch)
     # timm's own reader of the format: architecture, model_args and pretrained_cfg (preprocessing) from config.json.
@@ -322,6 +349,154 @@ def _build_from_config(
     if weights is not None:
         _load_weights(model, Path(weights), f"{where} ({arch})", resize_head=False)
     return model.eval(), arch
+
+
+def _read_config(config_file: Path) -> Any:
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"cannot read {config_file} ({_first_line(error)}): re-export or re-download it") from None
+
+
+def _transformers_architecture(config: Any) -> str | None:
+    """The model class a transformers config.json names in ``architectures``, else None."""
+    names = config.get("architectures") if isinstance(config, dict) else None
+    return names[0] if isinstance(names, list) and names and isinstance(names[0], str) else None
+
+
+def _build_transformers(
+    directory: Path, where: str, arch: str, weights: str | None, num_classes: int | None
+) -> tuple[nn.Module, str]:
+    """The transformers classifier ``arch`` in ``directory``, weights from safetensors (or torch.load with
+    weights_only=True) loaded strictly, preprocessing from its preprocessor_config.json as ``model.pretrained_cfg``."""
+    try:
+        import transformers
+    except ImportError:
+        raise ModelLoadError(
+            f"{where} is not a timm model but a transformers {arch}: install flatscan's transformers extra, "
+            "pip install 'flatscan[transformers]'"
+        ) from None
+    supported = sorted(
+        {cls.__name__ for a in list_adapters() for cls in a.model_types if cls.__module__.startswith("transformers.")}
+    )
+    if arch not in supported:
+        raise ModelLoadError(
+            f"{where} is not a timm model but a transformers {arch}, which flatscan has no adapter for "
+            f"(it reads the transformers {', '.join(supported)})"
+        )
+    local = {"trust_remote_code": False, "local_files_only": True}
+    try:
+        with _quiet(transformers):
+            config = transformers.AutoConfig.from_pretrained(
+                directory, **local, **({} if num_classes is None else {"num_labels": num_classes})
+            )
+            if weights is None:
+                model = transformers.AutoModelForImageClassification.from_config(config, trust_remote_code=False)
+            else:
+                # Mismatched shapes are collected (not raised) so that the error below names them on one line.
+                model, info = transformers.AutoModelForImageClassification.from_pretrained(
+                    directory, config=config, output_loading_info=True, ignore_mismatched_sizes=True, **local
+                )
+            has_processor = (directory / _PREPROCESSOR).is_file()
+            processor = transformers.AutoImageProcessor.from_pretrained(directory, **local) if has_processor else None
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
+        raise ModelLoadError(
+            f"cannot load {where} ({arch}) with transformers ({_first_line(error)}): re-export or re-download it"
+        ) from None
+    if weights is not None:
+        wrong = [f"{key} {tuple(saved)} vs {tuple(built)}" for key, saved, built in sorted(info["mismatched_keys"])]
+        problems = [
+            f"{kind} {_few(sorted(info[f'{kind}_keys']))}" for kind in ("missing", "unexpected") if info[f"{kind}_keys"]
+        ]
+        problems += [f"shapes differ: {_few(wrong)}"] if wrong else []
+        if problems:
+            raise ModelLoadError(
+                f"the weights in {directory} do not fit {arch}: {'; '.join(problems)}; check that they were saved "
+                "from it"
+            )
+    # timm's place for a model's preprocessing, which flatscan.data resolves (timm.data.resolve_model_data_config).
+    model.pretrained_cfg = {"architecture": arch, "num_classes": model.config.num_labels}
+    if processor is not None:
+        model.pretrained_cfg |= _processor_data_config(processor, where)
+    return model.eval(), arch
+
+
+@contextmanager
+def _quiet(transformers: Any) -> Iterator[None]:
+    """transformers without its progress bars and load reports (flatscan reports a mismatch itself)."""
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def _processor_data_config(processor: Any, where: str) -> dict[str, Any]:
+    """timm data-config entries that resize, crop and normalise as the transformers image ``processor`` does."""
+    size = processor.size  # a dict (transformers 5: a SizeDict, which reads the same)
+    edge, resized = size.get("shortest_edge"), (size.get("height"), size.get("width"))
+    crop = processor.crop_size if getattr(processor, "do_center_crop", False) else None
+    if (
+        not processor.do_resize
+        or getattr(processor, "rescale_offset", False)
+        or (processor.do_rescale and not math.isclose(processor.rescale_factor, 1 / 255))
+    ):
+        raise ModelLoadError(
+            f"the image processor of {where} ({type(processor).__name__}) does not resize, or rescales pixels other "
+            f"than to [0, 1]: flatscan cannot reproduce it; {_NO_PROCESSOR}"
+        )
+    if edge and getattr(processor, "crop_pct", None):
+        # ConvNeXt's processor (ResNet, RegNet, ConvNeXt): below 384 px it resizes the shortest edge to
+        # int(edge / crop_pct) and crops edge x edge, as timm does; from 384 px on it resizes to edge x edge.
+        height, width = edge, edge
+        crop_pct, crop_mode = (processor.crop_pct, "center") if edge < 384 else (1.0, "squash")
+    elif edge and crop is not None:  # resize the shortest edge, crop (MobileNetV2)
+        height, width = crop["height"], crop["width"]
+        crop_pct, crop_mode = _crop_pct(height, edge), "center"
+    elif all(resized):  # resize to height x width, aspect ratio not kept (EfficientNet), crop
+        height, width = (crop["height"], crop["width"]) if crop is not None else resized
+        crop_pct, crop_mode = _crop_pct(height, resized[0]), "squash"
+    else:
+        raise ModelLoadError(
+            f"the image processor of {where} ({type(processor).__name__}) resizes to {_size_text(size)}: flatscan "
+            f"cannot reproduce it; {_NO_PROCESSOR}"
+        )
+    mean, std = (0.0,) * 3, (1.0,) * 3
+    if processor.do_normalize:
+        mean, std = (_channels(processor.image_mean), _channels(processor.image_std))
+    if getattr(processor, "include_top", False):  # EfficientNet's processor divides by the std a second time
+        std = tuple(s * s for s in std)
+    return {
+        "input_size": (3, height, width),
+        "crop_pct": crop_pct,
+        "crop_mode": crop_mode,
+        "interpolation": _RESAMPLE.get(getattr(processor, "resample", None), "bilinear"),
+        "mean": mean,
+        "std": std,
+    }
+
+
+def _size_text(size: Any) -> str:
+    keys = ("height", "width", "shortest_edge", "longest_edge")
+    return ", ".join(f"{key}={size.get(key)}" for key in keys if size.get(key)) or "nothing"
+
+
+def _crop_pct(crop: int, resized: int) -> float:
+    """The crop_pct for which timm resizes to ``resized`` = floor(crop / crop_pct) before cropping ``crop``."""
+    crop_pct = crop / resized
+    while math.floor(crop / crop_pct) < resized:  # crop / (crop / resized) can round to just below ``resized``
+        crop_pct = math.nextafter(crop_pct, 0.0)
+    return crop_pct
+
+
+def _channels(values: Any) -> tuple[float, float, float]:
+    values = [float(v) for v in values] if isinstance(values, (list, tuple)) else [float(values)]
+    return tuple(values * 3 if len(values) == 1 else values)  # type: ignore[return-value]
 
 
 def _load_weights(model: nn.Module, path: Path, target: str, *, resize_head: bool) -> None:

@@ -16,14 +16,23 @@ gets the key of what was requested instead, computable without the model's data 
 So a rerun with the same options skips these models too (before loading them, when the listing gave the sha), a new
 commit of the repo or other data options try them again, and ``force`` retries everything. A model that fails while
 being scanned keeps the scan's key.
+
+An organisation can also be a local directory of timm/Hub-format model folders (a zoo of ``flatscan zoo train``):
+a folder's model is its absolute path, and its revision a hash of its config and weights, which stands in for the
+commit in its keys.
+
+The per-model work is :func:`audit_model`, which writes nothing: :func:`audit_org` commits its rows one by one, and
+the driver of :func:`flatscan.ray_audit.audit_org_ray` commits the rows that its Ray tasks return.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +46,7 @@ from huggingface_hub.errors import CacheNotFound
 import flatscan
 from flatscan.data import DataOptions, open_eval_data
 from flatscan.errors import FlatscanError, ScanInterrupted, UnsupportedModel
-from flatscan.models import _first_line, _is_offline, load_model
+from flatscan.models import _WEIGHTS, _first_line, _is_offline, load_model
 from flatscan.runs import result_record, scan_with_retry
 from flatscan.scanner import ScanResult
 from flatscan.store import ResultsStore, RunKey, preprocessing_key
@@ -53,10 +62,10 @@ _EXPAND = ["downloads", "library_name", "tags", "pipeline_tag", "sha"]
 class OrgModel:
     """One model of an organisation, as the listing gave it."""
 
-    repo_id: str  # org/name
+    repo_id: str  # org/name, or the absolute path of a local model folder
     downloads: int | None  # None offline: the cache does not know
     library: str | None  # the listing's library_name ("timm" also for a timm tag); offline "timm" for a timm config
-    revision: str | None  # commit sha of main: listed (online) or cached (offline)
+    revision: str | None  # commit sha of main: listed (online) or cached (offline); sha256:... of a local folder
 
 
 @dataclass(frozen=True)
@@ -80,13 +89,22 @@ def list_org_models(
     """The image classifiers of ``org`` on the Hub, most downloaded first; timm models only unless
     ``include_transformers``. ``pattern`` is a glob on the name after ``org/`` (on the whole id when it has a
     ``/``); ``limit`` keeps the first matches. Offline (``offline`` or ``HF_HUB_OFFLINE``), the org's models in the
-    local Hugging Face cache, by name, with a warning that the listing is the cache's."""
+    local Hugging Face cache, by name, with a warning that the listing is the cache's.
+
+    ``org`` may also be a local directory, written as a path (``./zoo``, ``~/zoo``, ``/data/zoo``): its model
+    folders (timm/Hub format: config.json and weights), by name; ``pattern`` matches the folder names."""
     if limit is not None and limit < 1:
         raise FlatscanError(f"limit must be a positive number of models, got {limit}")
-    listed = _cached_models(org) if offline or _is_offline(None) else _hub_models(org, include_transformers)
+    directory = _local_org(org)
+    if directory is not None:
+        listed = _local_models(directory)
+    else:
+        listed = _cached_models(org) if offline or _is_offline(None) else _hub_models(org, include_transformers)
     picked: list[OrgModel] = []
     for model in listed:
-        if (include_transformers or model.library == "timm") and _matches(model.repo_id, pattern):
+        # A local model's repo_id is its absolute path: matched as directory-name/folder-name.
+        repo_id = model.repo_id if directory is None else f"{directory.name}/{Path(model.repo_id).name}"
+        if (include_transformers or model.library == "timm") and _matches(repo_id, pattern):
             picked.append(model)
             if len(picked) == limit:
                 break  # the listing is paged lazily: later pages are never requested
@@ -150,6 +168,32 @@ def _is_timm_config(path: Path) -> bool:
     return isinstance(config, dict) and isinstance(config.get("architecture"), str)
 
 
+def _local_org(org: str) -> Path | None:
+    """The directory that ``org`` names as a path (a Hub name has no ``/``), else None."""
+    if not (org.startswith((".", "~", os.sep)) or os.sep in org):
+        return None
+    directory = Path(org).expanduser().resolve()
+    if not directory.is_dir():
+        raise FlatscanError(f"{org} is not a directory: give a directory of model folders, or a Hub organisation")
+    return directory
+
+
+def _local_models(directory: Path) -> Iterator[OrgModel]:
+    """The folders of ``directory`` with a config.json, by name (hidden ones skipped). A folder has no commit: its
+    revision is a hash of its config and weights, so a rerun skips an unchanged model and audits a changed one."""
+    for folder in sorted(p.resolve() for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        config = folder / "config.json"
+        if config.is_file():
+            digest = hashlib.sha256()
+            for file in [config, *(folder / name for name in _WEIGHTS)]:
+                if file.is_file():
+                    with file.open("rb") as content:
+                        while chunk := content.read(1 << 20):
+                            digest.update(chunk)
+            library = "timm" if _is_timm_config(config) else None
+            yield OrgModel(str(folder), None, library, f"sha256:{digest.hexdigest()[:16]}")
+
+
 def audit_org(
     org: str,
     store: ResultsStore,
@@ -180,10 +224,10 @@ def audit_org(
     )
     rows = []
     for i, listed in enumerate(models, 1):
-        row = _audit_model(
+        key, row = audit_model(
             listed,
-            store,
             data_options,
+            done=store.done,
             offline=offline,
             force=force,
             num_samples=num_samples,
@@ -192,33 +236,41 @@ def audit_org(
             trace_only=trace_only,
             on_batch_factory=on_batch_factory,
         )
+        if row.status != "skipped":
+            store.put(key, row.record, row.status, row.reason)
         rows.append(row)
         if on_model is not None:
             on_model(row, i, len(models))
     return rows
 
 
-def _audit_model(
+def audit_model(
     listed: OrgModel,
-    store: ResultsStore,
     options: DataOptions,
     *,
-    offline: bool,
-    force: bool,
-    num_samples: int | None,
-    device: str | torch.device | None,
-    amp: bool,
-    trace_only: bool,
-    on_batch_factory: Callable[[str], Callable[[ScanResult], bool | None] | None] | None,
-) -> AuditRow:
-    name = f"hf-hub:{listed.repo_id}"
+    done: Callable[[RunKey], bool],
+    offline: bool = False,
+    force: bool = False,
+    num_samples: int | None = None,
+    device: str | torch.device | None = None,
+    amp: bool = False,
+    trace_only: bool = False,
+    on_batch_factory: Callable[[str], Callable[[ScanResult], bool | None] | None] | None = None,
+) -> tuple[RunKey, AuditRow]:
+    """One model's audit (load, describe, open the data, scan), writing nothing: the run key and the row to commit
+    under it, or a ``skipped`` row (nothing to commit) when ``done(key)`` says the store has the key (unless
+    ``force``). :func:`audit_org` and the Ray tasks of :mod:`flatscan.ray_audit` both call it, so both paths write
+    the same rows."""
+    name = _model_name(listed)
     key = _requested_key(name, listed.revision, options, num_samples)
-    if not force and listed.revision is not None and store.done(key):
-        return AuditRow(name, "skipped", None, None)  # refused or failed before, same commit: not even loaded
+    if not force and listed.revision is not None and done(key):
+        return key, AuditRow(name, "skipped", None, None)  # refused or failed before, same commit: not even loaded
     record: dict[str, Any] = {"model": name, "revision": listed.revision}
     try:
         # offline=None: HF_HUB_OFFLINE set after import is honoured, as in the CLI.
         loaded = load_model(name, offline=offline or None)
+        if loaded.source == "local":  # no commit: the listing's hash of its files stands in
+            loaded = dataclasses.replace(loaded, revision=listed.revision)
         key = dataclasses.replace(key, revision=loaded.revision)
         record = {
             "model": name,
@@ -230,8 +282,8 @@ def _audit_model(
         flatscan.describe(loaded.model)  # refuse before touching any data
         data = open_eval_data(loaded.model, options)
         key = RunKey(name, loaded.revision, data.name, data.split, num_samples, preprocessing_key(data.data_config))
-        if not force and store.done(key):
-            return AuditRow(name, "skipped", None, None)
+        if not force and done(key):
+            return key, AuditRow(name, "skipped", None, None)
         on_batch = on_batch_factory(name) if on_batch_factory else None  # only for a model that is scanned
         result, data, used = scan_with_retry(
             loaded.model,
@@ -250,10 +302,15 @@ def _audit_model(
         status, reason = "unsupported", error.reason
     except Exception as error:  # one broken repo must not end the audit of the others
         status, reason = "failed", f"{type(error).__name__}: {_first_line(error)}"
-    if status != "ok" and not force and store.done(key):
-        return AuditRow(name, "skipped", None, None)
-    store.put(key, record, status, reason)
-    return AuditRow(name, status, reason, record)
+    if status != "ok" and not force and done(key):
+        return key, AuditRow(name, "skipped", None, None)
+    return key, AuditRow(name, status, reason, record)
+
+
+def _model_name(listed: OrgModel) -> str:
+    """The name the model loads by and its rows carry: a local model folder (its repo_id an absolute path) loads as
+    a directory, a Hub repo as hf-hub:org/name."""
+    return listed.repo_id if Path(listed.repo_id).is_absolute() else f"hf-hub:{listed.repo_id}"
 
 
 def _requested_key(name: str, revision: str | None, options: DataOptions, num_samples: int | None) -> RunKey:

@@ -101,6 +101,14 @@ class _Recorder:
             raise UnsupportedModel(
                 f"{self.taps[key].module} runs more than once in a forward pass; flatscan needs one call"
             )
+        if key == "pooled" and tensor.dim() == 4 and tensor.shape[2] * tensor.shape[3] != 1:
+            # Refused here, before the rest of the forward: a fixed-size pool (transformers' EfficientNet pools
+            # with AvgPool2d(hidden_dim)) is global only up to its window, and the model may fail after it.
+            positions = "x".join(str(n) for n in tensor.shape[2:])
+            raise UnsupportedModel(
+                f"the pool ({self.taps[key].module}) leaves {positions} positions per channel at this input size, "
+                "not one: it is not a global pool for images this large; scan smaller images (--img-size)"
+            )
         # A copy: in-place activations (ReLU(inplace=True), x += shortcut) overwrite the original.
         self.values[key] = tensor.detach().clone()
 
@@ -114,7 +122,7 @@ class _Recorder:
         """The model's logits and the tensors tapped during that forward pass."""
         self.recording = True
         try:
-            logits = model(images)
+            logits = model_logits(model(images))
         finally:
             self.recording = False
         missing = [self.taps[key].module for key in self.taps if key not in self.values]
@@ -126,6 +134,11 @@ class _Recorder:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def model_logits(output: Any) -> Tensor:
+    """The logits of a model's forward: the tensor itself, or the ``logits`` of a transformers ``ModelOutput``."""
+    return getattr(output, "logits", output)
 
 
 @contextmanager
@@ -204,6 +217,8 @@ def _prepare(
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Tapped tensors and logits in the compute dtype; the pre-activation cut to the feature layer's channels."""
     tapped = {key: value.to(dtype) for key, value in tapped.items()}
+    if head.pre_activation.channels_last:
+        tapped["pre_activation"] = tapped["pre_activation"].movedim(-1, 1)
     tapped["pre_activation"] = tapped["pre_activation"][:, head.channels]
     return tapped, logits.to(dtype)
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from flatscan import flatness
 from flatscan.contract import NormalisedHead
 from flatscan.registry import describe
-from flatscan.scanner import _check_normalisation, _constants, _prepare, _recording, _taps, _terms
+from flatscan.scanner import _check_normalisation, _constants, _prepare, _recording, _taps, _terms, model_logits
 
 # One-hot filters pushed through the feature layer together (memory: chunk x one output channel).
 _RESPONSE_CHUNK = 512
@@ -132,9 +132,10 @@ def _autograd_block_traces(
     H = J^T M J with M = d2 loss / dz2, and filter c' moves only channel c' of z. So
 
         Tr(H_{r,c'}) = sum_d <J e_{r,d}, M J e_{c',d}>                                  (D products with M)
-                     = sum_{(n,p),(m,q)} M[(n,r,p), (m,c',q)] sum_d J_d[n,p] J_d[m,q]     (N x L products)
+                     = sum_{(n,p),(m,q)} M[(n,r,p), (m,c',q)] sum_d J^r_d[n,p] J^c'_d[m,q]     (N x L products)
 
-    whichever needs fewer Hessian-vector products of the model's tail.
+    whichever needs fewer Hessian-vector products of the model's tail. J^r_d = J e_{r,d} is the same for every
+    filter of an ungrouped layer; in a grouped conv it depends on the filter's group (its input channels).
     """
     layer = dict(model.named_modules())[feature_layer]
     captured: dict[str, Tensor] = {}
@@ -156,8 +157,13 @@ def _autograd_block_traces(
         tangent[:, column] = values
         return tangent.view(n, channels, *spatial).movedim(1, channel_axis)
 
-    def responses(coords: Tensor) -> Tensor:  # J e_{c',d} restricted to channel c': (N, len(coords), L)
-        return channel_first(_basis_responses(layer, inputs, column, coords))
+    # A grouped conv's filters see their own group's input channels: row r's J e_{r,d} is not column's.
+    per_group = channels // layer.groups if isinstance(layer, nn.Conv2d) else channels
+    representative = {row // per_group: row for row in rows}  # one filter of each row group
+    row_group = [row // per_group for row in rows]
+
+    def responses(coords: Tensor, filter_index: int) -> Tensor:  # J e_{filter,d} in its channel: (N, len(coords), L)
+        return channel_first(_basis_responses(layer, inputs, filter_index, coords))
 
     replacement: dict[str, Tensor] = {}
     # Replace the layer's output only while the loss is traced (not in `responses`), and by a copy, so
@@ -166,7 +172,7 @@ def _autograd_block_traces(
 
     def loss(z: Tensor) -> Tensor:
         replacement["z"] = z
-        return F.cross_entropy(model(images), labels)
+        return F.cross_entropy(model_logits(model(images)), labels)
 
     try:
         _, vjp = torch.func.vjp(torch.func.grad(loss), output)
@@ -178,19 +184,25 @@ def _autograd_block_traces(
         traces = output.new_zeros(len(rows))
         if dim <= n * positions:
             for start in range(0, dim, _RESPONSE_CHUNK):
-                chunk = responses(torch.arange(start, min(start + _RESPONSE_CHUNK, dim)))
+                coords = torch.arange(start, min(start + _RESPONSE_CHUNK, dim))
+                chunk = responses(coords, column)
+                by_group = {group: responses(coords, row) for group, row in representative.items()}
+                row_chunk = torch.stack([by_group[group] for group in row_group], 1)  # (N, R, len(coords), L)
                 for d in range(chunk.shape[1]):
-                    traces += torch.einsum("nrp,np->r", hvp(in_channel(chunk[:, d])), chunk[:, d])
+                    traces += torch.einsum("nrp,nrp->r", hvp(in_channel(chunk[:, d])), row_chunk[:, :, d])
         else:
-            gram = output.new_zeros(n, positions, n, positions)
+            grams = {group: output.new_zeros(n, positions, n, positions) for group in representative}
             for start in range(0, dim, _RESPONSE_CHUNK):
-                chunk = responses(torch.arange(start, min(start + _RESPONSE_CHUNK, dim)))
-                gram += torch.einsum("ndp,mdq->npmq", chunk, chunk)
+                coords = torch.arange(start, min(start + _RESPONSE_CHUNK, dim))
+                chunk = responses(coords, column)
+                for group, row in representative.items():
+                    grams[group] += torch.einsum("ndp,mdq->npmq", responses(coords, row), chunk)
             for sample in range(n):
                 for position in range(positions):
                     one_hot = output.new_zeros(n, positions)
                     one_hot[sample, position] = 1.0
-                    traces += torch.einsum("nrp,np->r", hvp(in_channel(one_hot)), gram[:, :, sample, position])
+                    row_gram = torch.stack([grams[group][:, :, sample, position] for group in row_group], 1)
+                    traces += torch.einsum("nrp,nrp->r", hvp(in_channel(one_hot)), row_gram)
     finally:
         handle.remove()
     return traces

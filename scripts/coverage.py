@@ -87,10 +87,13 @@ def randomise_for_verify(model: nn.Module, seed: int = 0) -> None:
                 and getattr(module, "weight", None) is not None
             ):
                 module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=generator))
-                module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=generator))
-            gamma = getattr(module, "gamma", None)
-            if isinstance(gamma, nn.Parameter):
-                gamma.copy_(0.5 + torch.rand(gamma.shape, generator=generator))
+                if getattr(module, "bias", None) is not None:
+                    module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=generator))
+            # Layer scales (timm's LayerScale.gamma, MetaFormer's Scale.scale) start near 1e-6: make them O(1).
+            for name in ("gamma", "scale"):
+                value = getattr(module, name, None)
+                if isinstance(value, nn.Parameter) and value.dim() == 1:
+                    value.copy_(0.5 + torch.rand(value.shape, generator=generator))
 
 
 def temper_logits(model: nn.Module, images: torch.Tensor) -> None:

@@ -6,6 +6,8 @@ import pytest
 import timm
 import torch
 from hessian_reference import randomise_norms, weight_hessian
+from test_closed_form import batch as gapnet_batch
+from test_closed_form import make_gapnet
 from torch import nn
 
 import flatscan
@@ -61,6 +63,28 @@ def test_verify_reference_agrees_with_a_full_hessian() -> None:
     blocks = torch.einsum("idjd->ij", hessian)
     for (c, d), value in zip(result.pairs, result.autograd, strict=True):
         assert value == pytest.approx(blocks[c, d].item(), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2),  # D = 18 <= N L: one HVP per kernel coordinate
+        lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4),  # depthwise
+        lambda: nn.Conv2d(4, 6, 5, stride=4, groups=2),  # L = 1, D = 50 > N L: through the response Gram
+    ],
+    ids=["grouped", "depthwise", "grouped-gram-route"],
+)
+def test_verify_reference_agrees_with_a_full_hessian_for_grouped_convs(conv) -> None:
+    """Filters of different groups see different input channels: each keeps its own response J e_{r,d}."""
+    model = make_gapnet(conv(), nn.SiLU())
+    images, labels = gapnet_batch()
+    result = verify(model, (images, labels), pairs=12)
+    _, hessian = weight_hessian(model, "conv.weight", images, labels)
+    blocks = torch.einsum("idjd->ij", hessian)
+    assert any(c // 2 != d // 2 for c, d in result.pairs)  # pairs across groups are among those checked
+    for (c, d), value in zip(result.pairs, result.autograd, strict=True):
+        assert value == pytest.approx(blocks[c, d].item(), rel=1e-9, abs=1e-12)
+    assert result.passed, result
 
 
 class TwoConvNet(nn.Module):

@@ -1,0 +1,16 @@
+"""timm NASNet-A Large: cell_17's last branch (point-wise conv -> bn_sep_2, + cell input) feeds the last channels
+of the concatenated cell output -> ReLU -> GAP -> Linear."""
+
+from __future__ import annotations
+
+from timm.models.nasnet import NASNetALarge
+
+from flatscan.contract import NormalisedHead
+from flatscan.registry import register
+
+from ._common import nas_cell_head
+
+
+@register("nasnet", NASNetALarge)
+def describe_nasnet(model: NASNetALarge) -> NormalisedHead:
+    return nas_cell_head(model, "nasnet", "cell_17")
