@@ -44,7 +44,7 @@ from flatscan.data import DataOptions, open_eval_data
 from flatscan.errors import FlatscanError
 from flatscan.models import load_model
 from flatscan.scanner import resolve_device
-from flatscan.zoo import MANIFEST, TrainConfig, ZooModel, ZooSpec, read_manifest
+from flatscan.zoo import MANIFEST, TrainConfig, ZooModel, ZooSpec, read_manifest, training_set
 
 CACHE = "study-measures.jsonl"
 # Targets: larger means worse generalisation for the two gaps, better for the test accuracy.
@@ -119,22 +119,6 @@ def _split(spec: ZooSpec, model: nn.Module, split: str) -> tuple[Tensor, Tensor]
     options = DataOptions(dataset=spec.dataset, split=split, batch_size=256, workers=0, seed=spec.data_seed)
     images, labels = zip(*open_eval_data(model, options).batches, strict=True)
     return torch.cat(images), torch.cat(labels)
-
-
-def training_set(config: TrainConfig, spec: ZooSpec, train: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """The subset of the training split and the (noisy) labels ``config`` was trained on.
-
-    The same draws as :func:`flatscan.zoo.train_model`, from the model's seed; :func:`measure_zoo` checks the
-    result against the train loss and accuracy the zoo recorded.
-    """
-    generator = torch.Generator().manual_seed(config.seed)
-    images, labels = train
-    keep = torch.randperm(len(labels), generator=generator)[: max(1, round(config.train_fraction * len(labels)))]
-    images, labels = images[keep], labels[keep].clone()
-    noisy = torch.randperm(len(labels), generator=generator)[: round(config.label_noise * len(labels))]
-    offset = torch.randint(1, spec.num_classes, (len(noisy),), generator=generator)
-    labels[noisy] = (labels[noisy] + offset) % spec.num_classes
-    return images, labels
 
 
 def _batches(data: tuple[Tensor, Tensor], size: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
@@ -232,7 +216,8 @@ def _measure(
 
 
 def _check_reconstruction(entry: ZooModel, row: Mapping[str, Any]) -> None:
-    """Refuse to go on when the training set rebuilt here is not the one the zoo trained on."""
+    """Refuse to go on when the training set rebuilt here (:func:`flatscan.zoo.training_set`) is not the one the
+    zoo trained on."""
     # Batch sizes differ from the zoo's evaluation: logits may differ in the last bits, flipping a near tie.
     accuracy_ok = abs(row["scanned_train_accuracy"] - entry.train_accuracy) <= 2.5 / entry.n_train
     loss_ok = abs(row["scanned_train_loss"] - entry.train_loss) <= 1e-4 * (1 + abs(entry.train_loss))
@@ -469,7 +454,8 @@ def run_study(
 
 
 def _scatter(table: pd.DataFrame, target: str, path: Path) -> None:
-    """Small multiples: each headline measure against ``target``, one colour per family."""
+    """Small multiples: each headline measure against ``target``, one colour per family, crosses for the models
+    trained with label noise."""
     shown = [m for m in _SCATTER if m in table.columns and table[m].notna().any()]
     columns = 4
     rows = math.ceil(len(shown) / columns)
@@ -479,8 +465,10 @@ def _scatter(table: pd.DataFrame, target: str, path: Path) -> None:
     for k, measure in enumerate(shown):
         axes = figure.add_subplot(rows, columns, k + 1)
         for i, family in enumerate(families):
-            points = table[table["family"].astype(str) == family]
-            axes.scatter(points[measure], points[target], s=6, color=colours(i % 10), label=family)
+            for noisy, marker in ((False, "o"), (True, "x")):
+                points = table[(table["family"].astype(str) == family) & ((table["label_noise"] > 0) == noisy)]
+                label = f"{family}{', label noise' if noisy else ''}"
+                axes.scatter(points[measure], points[target], s=8, marker=marker, color=colours(i % 10), label=label)
         values = table[measure].dropna()
         if len(values) and (values > 0).all() and values.max() / values.min() > 100:
             axes.set_xscale("log")  # spans orders of magnitude
@@ -574,9 +562,13 @@ def write_study(
     varied = ", ".join(f"{name} ({', '.join(map(str, values))})" for name, values in levels.items())
     train = f"flatscan zoo train {result.root} --spec {spec_path}"
     seconds = table[[c for c in table.columns if c.startswith("seconds_")]].sum()
-    timings = [f"training the zoo (recorded by `zoo train`): {table['seconds'].sum():.0f} s"]
-    timings += [f"{name.removeprefix('seconds_')}: {value:.0f} s" for name, value in seconds.items()]
-    timings.append(f"this run of the study, cached models not re-measured: {result.seconds:.0f} s")
+    devices = ", ".join(f"{device} ({n} models)" for device, n in table["device"].value_counts().items())
+    timings = [f"training the zoo (CPU, recorded by `zoo train`): {table['seconds'].sum():.0f} s"]
+    timings += [
+        f"{name.removeprefix('seconds_')} ({'cpu' if name == 'seconds_weightwatcher' else devices}): {value:.0f} s"
+        for name, value in seconds.items()
+    ]
+    timings.append(f"this run of the study (models measured in an earlier run are reused): {result.seconds:.0f} s")
     sections = [
         "# Does relative flatness predict generalisation?",
         f"{len(table)} models ({families}) trained on scikit-learn digits ({result.spec.img_size} px), {design} "
@@ -591,7 +583,7 @@ def write_study(
         "## Measures\n\n" + "\n".join(f"- `{m}`: {d}" for m, d in MEASURES.items()),
         f"## Settings\n\n{_settings(result)}",
         "## Plots\n\n" + "\n\n".join(f"![{png.stem}]({png.name})" for png in pngs),
-        "## Timings (CPU; sums over models)\n\n" + "\n".join(f"- {line}" for line in timings),
+        "## Timings (sums over models)\n\n" + "\n".join(f"- {line}" for line in timings),
     ]
     md_path.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     return [md_path, csv_path, spec_path, *pngs]

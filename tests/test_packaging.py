@@ -37,3 +37,17 @@ def test_editable_install_imports_adapters_from_anywhere(tmp_path: Path) -> None
         "assert importlib.util.find_spec('adapters') is None, 'top-level adapters installed'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
+
+
+def test_a_family_missing_from_the_installed_timm_is_skipped() -> None:
+    """An older timm without a family's module still loads every other adapter."""
+    code = (
+        "import sys, timm\n"
+        "sys.modules['timm.models.starnet'] = None  # as if this timm had no StarNet\n"
+        "import flatscan\n"
+        "from flatscan import adapters\n"
+        "families = {a.family for a in flatscan.list_adapters()}\n"
+        "assert 'starnet' in adapters.UNAVAILABLE and 'starnet' not in families, families\n"
+        "assert flatscan.describe(timm.create_model('test_resnet')).family == 'resnet'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
