@@ -585,6 +585,7 @@ def zoo_study(
     resamples: Annotated[int, typer.Option(min=10, help="bootstrap resamples of the models")] = 1000,
     seed: Annotated[int, typer.Option(help="seed of the probes, perturbations and bootstrap")] = 0,
     device: DeviceOpt = "cpu",
+    threads: Annotated[int, typer.Option(min=1, help="torch CPU threads while measuring (small models: 1)")] = 1,
     debug: Debug = False,
 ) -> None:
     """Does relative flatness predict generalisation? Measure every zoo model, rank-correlate with its gap."""
@@ -598,11 +599,12 @@ def zoo_study(
             weightwatcher=weightwatcher,
             seed=seed,
             device=device,
+            threads=threads,
         )
         arguments = [str(zoo_dir), "--out", str(out), "--probes", str(probes)]
         arguments += ["--sharpness-criterion", sharpness_criterion, "--sharpness-threshold", str(sharpness_threshold)]
         arguments += ["--sharpness-samples", str(sharpness_samples), "--resamples", str(resamples), "--seed", str(seed)]
-        arguments += ["--device", device] + ([] if weightwatcher else ["--no-weightwatcher"])
+        arguments += ["--device", device, "--threads", str(threads)] + ([] if weightwatcher else ["--no-weightwatcher"])
         progress = _bar()
         with progress:
             task = progress.add_task("measuring the zoo", total=None)

@@ -81,7 +81,7 @@ _SCATTER = (
 
 @dataclass(frozen=True)
 class StudyOptions:
-    """How the measures are computed; every field but ``device`` is part of the cache key of a model's row."""
+    """How the measures are computed; all fields but ``device`` and ``threads`` key the cache of a model's row."""
 
     probes: int = 32  # Rademacher probes of the Hutchinson estimate
     sharpness_criterion: str = "error"  # training error (Jiang et al.) or cross_entropy
@@ -94,10 +94,13 @@ class StudyOptions:
     batch_size: int = 512
     seed: int = 0  # of the probes and perturbations
     device: str = "cpu"  # where the measures run ("auto": CUDA when available); recorded in each row
+    # torch CPU threads while measuring: small models gain little from more, and on a busy machine two threads
+    # waiting on each other were measured 100x slower than one
+    threads: int = 1
 
     def key(self) -> str:
-        """The options that decide the numbers (the device only rounds them differently)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "device"}
+        """The options that decide the numbers (the device and threads only round them differently)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "threads")}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -126,6 +129,16 @@ def _batches(data: tuple[Tensor, Tensor], size: int, device: torch.device) -> li
 
 
 @contextmanager
+def _threads(threads: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
 def _full_float32() -> Iterator[None]:
     """No TF32 on a GPU: float32 measures as on the CPU (TF32 keeps 10 mantissa bits)."""
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -141,16 +154,16 @@ def measure_model(
 ) -> dict[str, Any]:
     """Every measure of ``model`` (and its scanned loss and accuracy), with the seconds each group took."""
     device = resolve_device(options.device)
-    with _full_float32():
+    with _threads(options.threads), _full_float32():
         row = _measure(model.to(device), train, test, options, device)
-    row["device"] = str(device)
-    model.to("cpu")
-    start = time.perf_counter()
-    alpha, reason = (
-        baselines.weightwatcher_alpha_weighted(model)
-        if options.weightwatcher
-        else (math.nan, "not computed (--no-weightwatcher)")
-    )
+        row["device"] = str(device)
+        model.to("cpu")
+        start = time.perf_counter()
+        alpha, reason = (
+            baselines.weightwatcher_alpha_weighted(model)
+            if options.weightwatcher
+            else (math.nan, "not computed (--no-weightwatcher)")
+        )
     row |= {"ww_alpha_weighted": alpha, "ww_reason": reason}
     row["seconds_weightwatcher"] = time.perf_counter() - start
     return row
@@ -410,20 +423,24 @@ def correlations(
     seed: int = 0,
 ) -> pd.DataFrame:
     """Kendall tau (overall) and granulated psi of each measure with each target, with percentile bootstrap 95%
-    intervals over ``resamples`` resamples of the models (seeded; the same resamples for every measure). Columns
-    ``psi_<hyperparameter>`` hold the per-hyperparameter means."""
+    intervals over ``resamples`` resamples of the models (seeded; the same resamples for every measure and target,
+    restricted to the models where both are defined). Columns ``psi_<hyperparameter>`` hold the per-hyperparameter
+    means."""
     hyperparameters = varied_hyperparameters(table) if hyperparameters is None else list(hyperparameters)
+    table = table.reset_index(drop=True)
     rng = np.random.default_rng(seed)
+    all_weights = rng.multinomial(len(table), np.full(len(table), 1 / len(table)), size=resamples).astype(float)
     records = []
     for measure in measures:
         for target in targets:
-            frame = table.dropna(subset=[measure, target]).reset_index(drop=True)
+            defined = table[[measure, target]].notna().all(axis=1).to_numpy()
+            frame = table[defined].reset_index(drop=True)
             x, y = frame[measure].to_numpy(float), frame[target].to_numpy(float)
             record: dict[str, Any] = {"measure": measure, "target": target, "n": len(frame)}
             if len(frame) < 2:
                 records.append(record)
                 continue
-            weights = rng.multinomial(len(frame), np.full(len(frame), 1 / len(frame)), size=resamples).astype(float)
+            weights = all_weights[:, defined]
             tau = _kendall(x, y)
             boot_tau = weighted_group_taus(x, y, np.zeros(len(frame), dtype=int), weights)[:, 0]
             psi, per_hyperparameter = granulated_tau(frame, measure, target, hyperparameters)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,15 @@ from flatscan.zoo import MANIFEST, ZooSpec, train_zoo
 from tests.hessian_reference import randomise_norms
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads; on a busy machine two threads waiting on each other crawl."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def tiny_cnn(activation: nn.Module, groups: int = 1) -> nn.Module:
