@@ -44,7 +44,7 @@ from flatscan.data import DataOptions, open_eval_data
 from flatscan.errors import FlatscanError
 from flatscan.models import load_model
 from flatscan.scanner import resolve_device
-from flatscan.zoo import MANIFEST, TrainConfig, ZooModel, ZooSpec, read_manifest, training_set
+from flatscan.zoo import MANIFEST, TrainConfig, ZooModel, ZooSpec, read_manifest, torch_threads, training_set
 
 CACHE = "study-measures.jsonl"
 # Targets: larger means worse generalisation for the two gaps, better for the test accuracy.
@@ -129,16 +129,6 @@ def _batches(data: tuple[Tensor, Tensor], size: int, device: torch.device) -> li
 
 
 @contextmanager
-def _threads(threads: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@contextmanager
 def _full_float32() -> Iterator[None]:
     """No TF32 on a GPU: float32 measures as on the CPU (TF32 keeps 10 mantissa bits)."""
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -154,7 +144,7 @@ def measure_model(
 ) -> dict[str, Any]:
     """Every measure of ``model`` (and its scanned loss and accuracy), with the seconds each group took."""
     device = resolve_device(options.device)
-    with _threads(options.threads), _full_float32():
+    with torch_threads(options.threads), _full_float32():
         row = _measure(model.to(device), train, test, options, device)
         row["device"] = str(device)
         model.to("cpu")

@@ -316,7 +316,8 @@ def build_model(config: TrainConfig, spec: ZooSpec) -> nn.Module:
 
 
 @contextmanager
-def _threads(threads: int) -> Iterator[None]:
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` inside the block, restored after it."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -332,7 +333,7 @@ def _reproducible(threads: int) -> Iterator[None]:
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        with _threads(threads), torch.random.fork_rng(devices=[]):
+        with torch_threads(threads), torch.random.fork_rng(devices=[]):
             yield
     finally:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
@@ -587,7 +588,7 @@ def run_demo(
     models = train_zoo(spec, root, on_model=on_model, on_step=on_step)
     options = DataOptions(dataset=spec.dataset, split=spec.test_split, batch_size=128, workers=0, seed=spec.data_seed)
     # The zoo's thread count for its tiny models too: more threads gain little, and lose much on busy cores.
-    with ResultsStore(Path(store) if store is not None else root / STORE) as results, _threads(spec.threads):
+    with ResultsStore(Path(store) if store is not None else root / STORE) as results, torch_threads(spec.threads):
         rows = audit_org(str(root), results, options, device="cpu", on_model=on_audit)
         frame = results.frame()
     ours = {str(root / model.name) for model in models}
