@@ -230,9 +230,21 @@ class HeadDerivatives:
         if self.hessian is not None:
             return (q * self.hessian).sum((1, 2), dtype=torch.float64)
         assert self.probs is not None and self.weight is not None
-        mean_row = (self.probs @ self.weight.double()).to(q.dtype)  # W^T p
-        factor = self.probs.sqrt().to(q.dtype).unsqueeze(-1) * (self.weight - mean_row.unsqueeze(1))
+        factor = self._factor(q.dtype)
         return ((factor @ q) * factor).sum((1, 2), dtype=torch.float64)
+
+    def _factor(self, dtype: torch.dtype) -> Tensor:
+        """V with B = V^T V, V_k = sqrt(p_k) (w_k - W^T p): (N, classes, C) in ``dtype`` (linear head)."""
+        assert self.probs is not None and self.weight is not None
+        mean_row = (self.probs @ self.weight.double()).to(dtype)  # W^T p
+        return self.probs.sqrt().to(dtype).unsqueeze(-1) * (self.weight.to(dtype) - mean_row.unsqueeze(1))
+
+    def apply(self, x: Tensor) -> Tensor:
+        """B @ x per sample for ``x`` (N, C, A); a linear head goes through V^T (V x), never forming B."""
+        if self.hessian is not None:
+            return self.hessian.to(x.dtype) @ x
+        factor = self._factor(x.dtype)
+        return factor.transpose(1, 2) @ (factor @ x)
 
     def matrix(self) -> Tensor:
         """B itself, shape (N, C, C); formed only for checks (``flatscan.verify``)."""
@@ -315,3 +327,143 @@ def classifier_flatness(inputs: Tensor, logits: Tensor, weight: Tensor) -> Tenso
     """kappa_W = ||x||^2 (sum_j p_j ||w_j||^2 - ||W^T p||^2) of a Linear classifier W on x, per sample, float64."""
     spread = class_spread(torch.softmax(logits.double(), dim=1), weight).sum(1)
     return inputs.square().sum(1, dtype=torch.float64) * spread
+
+
+# Beyond the element-wise tail: tails that couple positions and channels only through pooled statistics.
+#
+# For one sample, with y = s * z + t + r1 the feature layer's output after its per-channel affine map, the tail is
+#
+#     w = rho(y)                                         element-wise "inner" activation (identity for SE / norms)
+#     u_ci = mean_p psi_i(w_cp),  psi = (w, w^2)[:k]     k = 1 or 2 pooled moments per channel
+#     alpha, beta = Theta(u)                             per-channel scale and shift (SE gate, GroupNorm, ...)
+#     v = alpha * w + beta + r2;  a = sigma(v);  h = mean_p a;  loss = CE(head(h), y)
+#
+# With F(y, theta) = sigma(alpha rho(y) + beta + r2), theta = (alpha, beta), and U = du/dy, the Hessian of the loss
+# w.r.t. y is  Phi_yy + Phi_yu U + U^T Phi_uy + U^T Phi_uu U + sum_ci (dl/du_ci) Hess u_ci  (u as a function of y
+# pulled out of the tail). Each piece contracts with Qy (x) G (Qy = S Q S, G the patch Gram) in closed form:
+#
+#     gamma_c = mean_p F_y P_p,  mu_ci = mean_p psi_i' P_p,  chi_cj = mean_p F_{y theta_j} P_p          (in R^D)
+#     M = dh/du = diag-block(mean_p F_theta) J_Theta,   lambda = M^T e
+#     Phi_uu = M^T B M + Hess_u [ sum_cj e_c (mean_p F_theta_j) Theta_cj + 1/2 sum_c e_c dTheta_c^T Omega_c dTheta_c ]
+#              (Omega_c = mean_p F_theta_theta; the second part is J^T diag(e Omega) J, one Hessian by torch.func)
+#     <H, Qy (x) G> = sum_cc' Qy_cc' [ B_cc' <gamma_c, gamma_c'>
+#                                      + sum_ii' Phi_uu[ci, c'i'] <mu_ci, mu_c'i'>
+#                                      + 2 sum_i ((B M)_{c,c'i} <gamma_c, mu_c'i> + e_c sum_j J[cj, c'i] <chi_cj, mu_c'i>) ]
+#                     + sum_c Qy_cc [ e_c mean_p F_yy ||P_p||^2 + sum_i lambda_ci mean_p psi_i'' ||P_p||^2 ]
+
+
+@dataclass(frozen=True)
+class CoupledTerms:
+    """Per-sample pieces of <Hess_y loss, Qy (x) G> for a pooled-statistic tail (see the comment above).
+
+    ``slope_gram`` <gamma_c, gamma_c'> (N, C, C) pairs with B; ``coupling`` (N, C, C) and ``local`` (N, C) are the
+    rest, already contracted over statistics and positions, so any channel weight Qy contracts in O(C^2).
+    """
+
+    slope_gram: Tensor
+    coupling: Tensor
+    local: Tensor
+    head: HeadDerivatives
+
+    def contract(self, channel_weight: Tensor) -> Tensor:
+        """<Hess_y loss, Qy (x) G> per sample, float64; ``channel_weight`` is Qy (C, C), symmetric."""
+        dense = (channel_weight * self.coupling).sum((1, 2), dtype=torch.float64)
+        local = (channel_weight.diagonal() * self.local).sum(1, dtype=torch.float64)
+        return self.head.contract(channel_weight * self.slope_gram) + dense + local
+
+    def trace(self, channel_scale: Tensor) -> Tensor:
+        """Tr(H) = <Hess_y loss, S^2 (x) G> per sample, float64, without forming a (C, C) weight."""
+        scale2 = channel_scale.square()
+        gram = (self.head.diagonal() * self.slope_gram.diagonal(dim1=1, dim2=2)).to(torch.float64)
+        rest = self.coupling.diagonal(dim1=1, dim2=2) + self.local
+        return (scale2 * gram).sum(1, dtype=torch.float64) + (scale2 * rest).sum(1, dtype=torch.float64)
+
+
+def _stat_hessian(
+    affine: Callable[[Tensor], tuple[Tensor, Tensor]], stats: Tensor, linear: Tensor, quadratic: Tensor
+) -> Tensor:
+    """Hess_u [<linear, Theta(u)> + 1/2 sum_c dTheta_c^T quadratic_c dTheta_c] at ``stats``, per sample: (N, C*k, C*k).
+
+    ``linear`` is (N, C, 2), ``quadratic`` (N, C, 2, 2); Theta(u) = stack(alpha, beta). Reverse over reverse, exact.
+    """
+
+    def objective(u: Tensor, lin: Tensor, quad: Tensor, u0: Tensor) -> Tensor:
+        theta = torch.stack(affine(u.unsqueeze(0)), -1)[0]
+        theta0 = torch.stack(affine(u0.unsqueeze(0)), -1)[0].detach()
+        delta = theta - theta0
+        return (lin * theta).sum() + 0.5 * torch.einsum("cj,cjk,ck->", delta, quad, delta)
+
+    hessian = torch.func.vmap(torch.func.jacrev(torch.func.grad(objective)))(stats, linear, quadratic, stats)
+    n, c, k = stats.shape
+    return hessian.reshape(n, c * k, c * k)
+
+
+def _coefficient_grams(patches: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """<a_x, b_y> for D-vectors a_x = sum_p left[x, p] P_p and b_y likewise: (N, X, Y), via P^T P when L < D."""
+    p = patches[:, 0]  # (N, D, L)
+    if p.shape[-1] < p.shape[-2]:
+        return (left @ (p.transpose(1, 2) @ p)) @ right.transpose(1, 2)
+    return (left @ p.transpose(1, 2)) @ (right @ p.transpose(1, 2)).transpose(1, 2)
+
+
+def coupled_terms(
+    inner_input: Tensor,
+    pre_activation: Tensor,
+    patches: Tensor,
+    inner: Activation,
+    outer: Activation,
+    moments: int,
+    affine: Callable[[Tensor], tuple[Tensor, Tensor]],
+    head: HeadDerivatives,
+) -> CoupledTerms:
+    """The pieces of a pooled-statistic tail's Hessian contraction, per sample (formulas in the comment above).
+
+    ``inner_input`` is y and ``pre_activation`` v, both (N, C, L); ``patches`` (N, 1, D, L) (one group);
+    ``affine`` maps the pooled moments u (N, C, ``moments``) to (alpha, beta), each (N, C); ``head`` holds e, B.
+    """
+    n, channels, positions = inner_input.shape
+    w = inner(inner_input)
+    rho1, rho2 = inner.derivatives(inner_input)
+    sig1, sig2 = outer.derivatives(pre_activation)
+    psi1 = torch.stack([rho1, 2 * w * rho1][:moments], 1)  # (N, k, C, L)
+    psi2 = torch.stack([rho2, 2 * rho1.square() + 2 * w * rho2][:moments], 1)
+    stats = torch.stack([w.mean(-1), w.square().mean(-1)][:moments], -1)  # (N, C, k)
+    with torch.enable_grad():
+        alpha, _ = affine(stats)
+    alpha = alpha.detach()[..., None]
+    slope = sig1 * alpha * rho1  # F_y
+    second = sig2 * (alpha * rho1).square() + sig1 * alpha * rho2  # F_yy
+    param_slope = torch.stack([sig1 * w, sig1], -1).mean(2)  # mean_p F_theta (N, C, 2)
+    mixed = torch.stack([sig2 * alpha * rho1 * w + sig1 * rho1, sig2 * alpha * rho1], 1)  # F_{y theta} (N, 2, C, L)
+    param_curv = torch.stack(
+        [torch.stack([sig2 * w.square(), sig2 * w], -1), torch.stack([sig2 * w, sig2], -1)], -2
+    ).mean(2)  # Omega (N, C, 2, 2)
+
+    def theta(u: Tensor) -> Tensor:
+        return torch.stack(affine(u.unsqueeze(0)), -1)[0]
+
+    with torch.enable_grad():
+        jac = torch.func.vmap(torch.func.jacrev(theta))(stats)  # (N, C, 2, C, k)
+        stat_hessian = _stat_hessian(affine, stats, head.grad.to(stats.dtype)[..., None] * param_slope,
+                                     head.grad.to(stats.dtype)[..., None, None] * param_curv)
+    dh_du = torch.einsum("ncj,ncjdk->ncdk", param_slope, jac).reshape(n, channels, channels * moments)
+    lam = torch.einsum("ncs,nc->ns", dh_du, head.grad.to(dh_du.dtype))  # (N, C*k)
+    b_dh_du = head.apply(dh_du)  # (N, C, C*k)
+    stat_hessian = stat_hessian + torch.einsum("nca,ncb->nab", dh_du, b_dh_du)
+
+    scale = 1.0 / positions
+    stat_coef = (psi1 * scale).transpose(1, 2).reshape(n, channels * moments, positions)  # (c, i) order
+    slope_gram = _coefficient_grams(patches, slope * scale, slope * scale)
+    stat_gram = _coefficient_grams(patches, stat_coef, stat_coef)
+    slope_stat = _coefficient_grams(patches, slope * scale, stat_coef).view(n, channels, channels, moments)
+    mixed_stat = _coefficient_grams(patches, (mixed * scale).flatten(1, 2), stat_coef).view(
+        n, 2, channels, channels, moments
+    )
+    quad = (stat_hessian * stat_gram).view(n, channels, moments, channels, moments).sum((2, 4))
+    cross = (b_dh_du.view(n, channels, channels, moments) * slope_stat).sum(-1)
+    cross = cross + head.grad.to(jac.dtype)[:, :, None] * torch.einsum("ncjdk,njcdk->ncd", jac, mixed_stat)
+    patch_sqnorms = patches[:, 0].square().sum(1)  # (N, L)
+    psi_curv = (psi2 * scale) @ patch_sqnorms[:, None, :, None]  # (N, k, C, 1)
+    local = head.grad.to(second.dtype) * ((second * scale) @ patch_sqnorms[..., None])[..., 0]
+    local = local + (lam.view(n, channels, moments).transpose(1, 2) * psi_curv[..., 0]).sum(1)
+    return CoupledTerms(slope_gram, quad + 2 * cross, local, head)
