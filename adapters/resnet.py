@@ -2,9 +2,13 @@
 
 Block endings: Bottleneck-style convN / bnN / actN (N = 3, or 2 for BasicBlock-style), SK-ResNet's
 ConvNormAct convN (conv, bn with no activation) then ``act``, and Res2Net's conv3 / bn3 then ``relu``.
+A squeeze-excitation gate after bnN (SE-ResNe(X)t, ECA-ResNet, ResNet-RS, SENet-154) and a GroupNorm in place
+of bnN (resnet50_gn) couple the tail through pooled statistics (:class:`flatscan.contract.PooledCoupling`).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from timm.models.res2net import Bottle2neck
 from timm.models.resnet import ResNet
@@ -17,9 +21,11 @@ from flatscan.contract import (
     activation_of,
     batchnorm_scale,
     conv_norm_act,
+    group_norm,
     normalised_head,
     require_average_pool,
     require_linear,
+    squeeze_excitation,
 )
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
@@ -29,8 +35,33 @@ def _refuse_gate(block: nn.Module, block_name: str) -> None:
     if getattr(block, "se", None) is not None:
         raise UnsupportedModel(
             f"{block_name}.se ({type(block.se).__name__}) gates the feature layer's output with a value "
-            "computed from that output, between the feature layer and the pool: not element-wise"
+            "computed from that output, inside a block ending flatscan reads only element-wise"
         )
+
+
+def _block_ending(model: ResNet, block: nn.Module, block_name: str, last: int) -> NormalisedHead:
+    """convN -> bnN (BatchNorm, or GroupNorm) -> [se gate] -> + shortcut -> actN."""
+    norm_name = f"{block_name}.bn{last}"
+    norm = getattr(block, f"bn{last}")
+    gate = getattr(block, "se", None)
+    if isinstance(norm, nn.GroupNorm):
+        if gate is not None:
+            raise UnsupportedModel(f"{block_name} has both a GroupNorm and a gate after the feature layer")
+        scale = norm.weight.new_ones(norm.num_channels).detach()
+        coupling = group_norm(model, norm_name)
+        coupling = replace(coupling, affine_output=Tap(norm_name, "output"))
+    else:
+        scale = batchnorm_scale(norm, norm_name)
+        coupling = None if gate is None else squeeze_excitation(model, f"{block_name}.se", Tap(norm_name, "output"))
+    return NormalisedHead(
+        feature_layer=f"{block_name}.conv{last}",
+        pre_activation=Tap(f"{block_name}.act{last}", "input"),
+        pooled=Tap("fc", "input"),
+        channel_scale=scale,
+        activation=activation_of(getattr(block, f"act{last}"), f"{block_name}.act{last}"),
+        classifier="fc",
+        coupling=coupling,
+    )
 
 
 def _selective_kernel(model: ResNet, block: nn.Module, block_name: str) -> NormalisedHead:
@@ -79,10 +110,11 @@ def describe_resnet(model: ResNet) -> NormalisedHead:
     require_linear(model.fc, "fc")
     block_name = f"layer4.{len(model.layer4) - 1}"
     block = model.layer4[-1]
-    _refuse_gate(block, block_name)
     if isinstance(block, (SelectiveKernelBasic, SelectiveKernelBottleneck)):
+        _refuse_gate(block, block_name)
         return _selective_kernel(model, block, block_name)
     if isinstance(block, Bottle2neck):
+        _refuse_gate(block, block_name)
         return _res2net(model, block, block_name)
     # Bottleneck-style blocks end in conv3/bn3/act3, BasicBlock-style ones in conv2/bn2/act2.
     last = next((i for i in (3, 2) if all(hasattr(block, f"{n}{i}") for n in ("conv", "bn", "act"))), None)
@@ -91,11 +123,4 @@ def describe_resnet(model: ResNet) -> NormalisedHead:
             f"{block_name} is {type(block).__name__}, a block that does not end in convN, bnN, actN "
             "(nor SK-ResNet's or Res2Net's ending); no adapter knows its layout"
         )
-    return NormalisedHead(
-        feature_layer=f"{block_name}.conv{last}",
-        pre_activation=Tap(f"{block_name}.act{last}", "input"),
-        pooled=Tap("fc", "input"),
-        channel_scale=batchnorm_scale(getattr(block, f"bn{last}"), f"{block_name}.bn{last}"),
-        activation=activation_of(getattr(block, f"act{last}"), f"{block_name}.act{last}"),
-        classifier="fc",
-    )
+    return _block_ending(model, block, block_name, last)

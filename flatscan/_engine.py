@@ -153,6 +153,25 @@ def check_normalisation(
             raise UnsupportedModel(f"the {head.family} adapter's head function does not reproduce the logits")
 
 
+def check_coupling(head: NormalisedHead, tapped: dict[str, Tensor], tap_dtype: torch.dtype) -> None:
+    """Refuse a model whose gate or norm the coupling's ``affine`` function does not reproduce (alpha * w + beta)."""
+    coupling = head.coupling
+    if coupling is None:
+        return
+    inner = coupling.inner_activation(tapped["inner_input"].flatten(2))
+    stats = torch.stack([inner.mean(-1), inner.square().mean(-1)][: coupling.moments], -1)
+    alpha, beta = coupling.affine(stats)
+    expected = alpha[..., None] * inner + beta[..., None]
+    got = tapped["affine_output" if coupling.affine_output is not None else "pre_activation"].flatten(2)
+    tolerance = min(1e3 * torch.finfo(tap_dtype).eps, 2e-2)
+    if expected.shape != got.shape or (expected - got).abs().max() > tolerance * (1 + got.abs().max()):
+        where = (coupling.affine_output or head.pre_activation).module
+        raise UnsupportedModel(
+            f"the {coupling.label} read at {where} is not alpha(u) * w + beta(u) of the pooled statistics of "
+            f"{coupling.inner_input.module}: the {head.family} adapter's description of the tail is wrong"
+        )
+
+
 def prepare_tapped(
     head: NormalisedHead, tapped: dict[str, Tensor], logits: Tensor, dtype: torch.dtype
 ) -> tuple[dict[str, Tensor], Tensor]:
@@ -160,7 +179,8 @@ def prepare_tapped(
     tapped = {key: value.to(dtype) for key, value in tapped.items()}
     if head.pre_activation.channels_last:
         tapped["pre_activation"] = tapped["pre_activation"].movedim(-1, 1)
-    tapped["pre_activation"] = tapped["pre_activation"][:, head.channels]
+    for key in ("pre_activation", *coupling_taps(head)):
+        tapped[key] = tapped[key][:, head.channels]
     return tapped, logits.to(dtype)
 
 
@@ -185,24 +205,65 @@ def head_taps(head: NormalisedHead) -> dict[str, Tap]:
         "pre_activation": head.pre_activation,
         "pooled": head.pooled,
         "classifier_input": Tap(head.classifier, "input"),
+        **coupling_taps(head),
     }
+
+
+def coupling_taps(head: NormalisedHead) -> dict[str, Tap]:
+    """The coupling's taps: y before the pooled statistics, and alpha * w + beta when it is read apart from v."""
+    if head.coupling is None:
+        return {}
+    taps = {"inner_input": head.coupling.inner_input}
+    if head.coupling.affine_output is not None:
+        taps["affine_output"] = head.coupling.affine_output
+    return taps
 
 
 @dataclass(frozen=True)
 class Terms:
-    """Per-sample ingredients of the closed form: patches P, sigma'(v), curv_c, and e, B of the head."""
+    """Per-sample ingredients of the element-wise closed form: patches P, sigma'(v), curv_c, and e, B of the head."""
 
     patches: Tensor
     slopes: Tensor
     curv: Tensor
     derivatives: flatness.HeadDerivatives
 
+    def trace(self, channel_scale: Tensor) -> Tensor:
+        """Tr(H) per sample, float64."""
+        sqnorms = flatness.gradient_sqnorms(self.slopes, self.patches, channel_scale)
+        return flatness.hessian_trace(sqnorms, self.curv, self.derivatives)
+
+    def relative_flatness(self, kernel_gram: Tensor, channel_scale: Tensor) -> Tensor:
+        """kappa per sample, float64; ``kernel_gram`` is K K^T (within-group pairs)."""
+        grad_gram = flatness.gradient_gram(self.slopes, self.patches, channel_scale)
+        return flatness.relative_flatness(kernel_gram, grad_gram, self.curv, self.derivatives)
+
+    def block_traces(self, channel_scale: Tensor) -> Tensor:
+        """Tr(H_cc') per sample, (N, C, C), float64."""
+        grad_gram = flatness.gradient_gram(self.slopes, self.patches, channel_scale)
+        return flatness.block_traces(grad_gram, self.curv, self.derivatives)
+
+
+@dataclass(frozen=True)
+class CoupledSampleTerms:
+    """Per-sample ingredients of a tail coupled through pooled statistics (:class:`flatness.CoupledTerms`)."""
+
+    terms: flatness.CoupledTerms
+
+    def trace(self, channel_scale: Tensor) -> Tensor:
+        return self.terms.trace(channel_scale)
+
+    def relative_flatness(self, kernel_gram: Tensor, channel_scale: Tensor) -> Tensor:
+        return self.terms.contract(kernel_gram * channel_scale[:, None] * channel_scale[None, :])
+
+    def block_traces(self, channel_scale: Tensor) -> Tensor:
+        return self.terms.block_traces(channel_scale)
+
 
 def sample_terms(
     head: NormalisedHead, const: Constants, tapped: dict[str, Tensor], logits: Tensor, labels: Tensor
-) -> Terms:
-    """The per-sample :class:`Terms` of the tapped tensors (prepared by :func:`prepare_tapped`)."""
-    scale = const.channel_scale
+) -> Terms | CoupledSampleTerms:
+    """The per-sample terms of the tapped tensors (prepared by :func:`prepare_tapped`)."""
     pre_activation = tapped["pre_activation"].flatten(2)
     patches = feature_patches(const.feature_layer, tapped["features"])
     if pre_activation.shape[-1] != patches.shape[-1]:
@@ -210,10 +271,24 @@ def sample_terms(
             f"the pre-activation has {pre_activation.shape[-1]} positions but the feature layer "
             f"{patches.shape[-1]}: something between them changes the spatial size"
         )
-    slopes, curvatures = head.activation.derivatives(pre_activation)
     if head.head_fn is None:
         derivatives = flatness.linear_head_derivatives(logits, labels, const.classifier_weight)
     else:
         derivatives = flatness.head_derivatives(head.head_fn, tapped["pooled"].flatten(1), labels)
-    curv = flatness.curvature(curvatures, patches, scale)
-    return Terms(patches, slopes, curv, derivatives.select(head.channels))
+    derivatives = derivatives.select(head.channels)
+    if head.coupling is not None:
+        coupling = head.coupling
+        terms = flatness.coupled_terms(
+            tapped["inner_input"].flatten(2),
+            pre_activation,
+            patches,
+            coupling.inner_activation,
+            head.activation,
+            coupling.moments,
+            coupling.affine,
+            derivatives,
+        )
+        return CoupledSampleTerms(terms)
+    slopes, curvatures = head.activation.derivatives(pre_activation)
+    curv = flatness.curvature(curvatures, patches, const.channel_scale)
+    return Terms(patches, slopes, curv, derivatives)

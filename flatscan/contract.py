@@ -29,9 +29,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
-from timm.layers import Conv2dSame, ConvNormAct, NormMlpClassifierHead
+from timm.layers import Conv2dSame, ConvNormAct, EcaModule, EffectiveSEModule, NormMlpClassifierHead, SEModule
 from timm.layers import activations as timm_act
 from timm.layers.conv2d_same import Conv2dSameExport
+from timm.models.senet import SEModule as LegacySEModule
 from torch import Tensor, nn
 
 from flatscan.errors import UnsupportedModel
@@ -72,6 +73,7 @@ class NormalisedHead:
     classifier: str
     head_fn: Callable[[Tensor], Tensor] | None = None
     channels: slice = field(default_factory=lambda: slice(None))
+    coupling: PooledCoupling | None = None
     family: str = ""  # set by the registry (flatscan.describe) to the family the adapter was registered under
 
     @property
@@ -90,6 +92,7 @@ class NormalisedHead:
             "head_type": self.head_type,
             "classifier": self.classifier,
             "channels": "all" if self.channels == slice(None) else f"{self.channels.start}:{self.channels.stop}",
+            "coupling": None if self.coupling is None else self.coupling.label,
             "channel_scale_min": scale.min().item(),
             "channel_scale_max": scale.max().item(),
         }
@@ -406,3 +409,107 @@ def nas_cell_head(model: nn.Module, cell: str) -> NormalisedHead:
     # bn_sep_2 spans only the branch's channels; act's input (the pre-activation) spans the whole concat.
     total = model.num_features
     return replace(head, channels=slice(total - head.channel_scale.shape[0], total))
+
+
+@dataclass(frozen=True, eq=False)
+class PooledCoupling:
+    """A tail that couples positions and channels through per-channel pooled moments (gates, GroupNorm, ...).
+
+    Between the feature layer and the pre-activation: ``y = channel_scale * z + shift + r1`` is read at
+    ``inner_input``; ``w = inner_activation(y)``; ``u = mean over positions of (w, w^2)[:moments]``, (N, C, k);
+    ``alpha, beta = affine(u)``, each (N, C); the pre-activation is ``v = alpha * w + beta + r2``, whose
+    ``alpha * w + beta`` is read at ``affine_output`` (None: at the pre-activation itself, r2 = 0).
+    """
+
+    inner_input: Tap
+    affine: Callable[[Tensor], tuple[Tensor, Tensor]]
+    label: str
+    moments: int = 1
+    inner_activation: Activation = field(default_factory=lambda: Activation("identity"))
+    affine_output: Tap | None = None
+    modules: tuple[str, ...] = ()  # the modules ``affine`` runs (a gate's convs): part of the tail, not downstream
+
+
+_GATES = (SEModule, EcaModule, EffectiveSEModule, LegacySEModule)
+
+
+def _require_gate(module: nn.Module, where: str) -> None:
+    if type(module) not in _GATES:
+        raise UnsupportedModel(
+            f"{where} ({type(module).__name__}) gates the feature layer's output with a value computed from that "
+            "output, and flatscan knows no closed form of its gate (known: SEModule, EcaModule, EffectiveSEModule)"
+        )
+    if getattr(module, "add_maxpool", False):
+        raise UnsupportedModel(f"{where} also max-pools the feature map: its gate is not a function of the mean")
+
+
+def _gate_logits(module: nn.Module, mean: Tensor) -> Tensor:
+    """The pre-gate values of a squeeze-excitation ``module`` for the pooled mean (N, C), as (N, C)."""
+    x = mean[:, :, None, None]
+    if isinstance(module, EcaModule):
+        y = module.conv(mean.unsqueeze(1))
+        if module.conv2 is not None:
+            y = module.conv2(module.act(y))
+        return y.flatten(1)
+    if isinstance(module, SEModule):
+        return module.fc2(module.act(module.bn(module.fc1(x)))).flatten(1)
+    if isinstance(module, EffectiveSEModule):
+        return module.fc(x).flatten(1)
+    return module.fc2(module.relu(module.fc1(x))).flatten(1)
+
+
+def squeeze_excitation(
+    model: nn.Module, gate: str, inner_input: Tap, scale: Tensor | None = None, inner: Activation | None = None
+) -> PooledCoupling:
+    """The coupling of a squeeze-excitation ``gate`` (timm's SEModule, EcaModule, EffectiveSEModule, legacy SENet's).
+
+    The gate multiplies its input w (read before it, at ``inner_input``, as y with ``w = inner(y)``) by
+    ``gate(mean_p w)``; ``scale`` is a per-channel factor applied after the gate (a layer scale), folded into alpha.
+    """
+    module = submodule(model, gate)
+    _require_gate(module, gate)
+    activation = module.sigmoid if isinstance(module, LegacySEModule) else module.gate
+
+    def affine(stats: Tensor) -> tuple[Tensor, Tensor]:
+        alpha = activation(_gate_logits(module, stats[..., 0]))
+        if scale is not None:
+            alpha = alpha * scale
+        return alpha, torch.zeros_like(alpha)
+
+    return PooledCoupling(
+        inner_input=inner_input,
+        affine=affine,
+        label=f"{type(module).__name__} gate",
+        inner_activation=inner or Activation("identity"),
+        affine_output=Tap(gate, "output"),
+        modules=(gate,),
+    )
+
+
+def group_norm(model: nn.Module, norm: str, inner_input: Tap | None = None) -> PooledCoupling:
+    """The coupling of a GroupNorm ``norm`` (torch's, timm's GroupNormAct / GroupNorm1) after the feature layer.
+
+    alpha = gamma / sqrt(var_g + eps), beta = beta_c - alpha * mean_g, the group statistics from the per-channel
+    moments (mean, mean of squares). ``inner_input`` defaults to the norm's input.
+    """
+    module = submodule(model, norm)
+    if not isinstance(module, nn.GroupNorm):
+        raise UnsupportedModel(f"{norm} is {type(module).__name__}, not a GroupNorm")
+    groups, eps = module.num_groups, module.eps
+
+    def affine(stats: Tensor) -> tuple[Tensor, Tensor]:
+        n, channels, _ = stats.shape
+        grouped = stats.view(n, groups, channels // groups, 2).mean(2)
+        mean, square = grouped[..., 0], grouped[..., 1]
+        rstd = torch.rsqrt(square - mean.square() + eps).repeat_interleave(channels // groups, 1)
+        alpha = rstd if module.weight is None else module.weight * rstd
+        beta = -alpha * mean.repeat_interleave(channels // groups, 1)
+        return alpha, beta if module.bias is None else beta + module.bias
+
+    return PooledCoupling(
+        inner_input=inner_input or Tap(norm, "input"),
+        affine=affine,
+        label=f"GroupNorm({groups})",
+        moments=2,
+        modules=(norm,),
+    )

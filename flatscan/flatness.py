@@ -348,7 +348,8 @@ def classifier_flatness(inputs: Tensor, logits: Tensor, weight: Tensor) -> Tenso
 #              (Omega_c = mean_p F_theta_theta; the second part is J^T diag(e Omega) J, one Hessian by torch.func)
 #     <H, Qy (x) G> = sum_cc' Qy_cc' [ B_cc' <gamma_c, gamma_c'>
 #                                      + sum_ii' Phi_uu[ci, c'i'] <mu_ci, mu_c'i'>
-#                                      + 2 sum_i ((B M)_{c,c'i} <gamma_c, mu_c'i> + e_c sum_j J[cj, c'i] <chi_cj, mu_c'i>) ]
+#                                      + 2 sum_i ((B M)_{c,c'i} <gamma_c, mu_c'i>
+#                                                 + e_c sum_j J[cj, c'i] <chi_cj, mu_c'i>) ]
 #                     + sum_c Qy_cc [ e_c mean_p F_yy ||P_p||^2 + sum_i lambda_ci mean_p psi_i'' ||P_p||^2 ]
 
 
@@ -377,6 +378,14 @@ class CoupledTerms:
         gram = (self.head.diagonal() * self.slope_gram.diagonal(dim1=1, dim2=2)).to(torch.float64)
         rest = self.coupling.diagonal(dim1=1, dim2=2) + self.local
         return (scale2 * gram).sum(1, dtype=torch.float64) + (scale2 * rest).sum(1, dtype=torch.float64)
+
+    def block_traces(self, channel_scale: Tensor) -> Tensor:
+        """Tr(H_cc') = s_c s_c' <Hess_y loss, sym(E_cc') (x) G>, (N, C, C), float64; formed only for checks."""
+        coupling = self.coupling.double()
+        total = self.head.matrix() * self.slope_gram.double() + 0.5 * (coupling + coupling.transpose(1, 2))
+        total = total + torch.diag_embed(self.local.double())
+        scale = channel_scale.double()
+        return total * scale[:, None] * scale[None, :]
 
 
 def _stat_hessian(
@@ -444,8 +453,12 @@ def coupled_terms(
 
     with torch.enable_grad():
         jac = torch.func.vmap(torch.func.jacrev(theta))(stats)  # (N, C, 2, C, k)
-        stat_hessian = _stat_hessian(affine, stats, head.grad.to(stats.dtype)[..., None] * param_slope,
-                                     head.grad.to(stats.dtype)[..., None, None] * param_curv)
+        stat_hessian = _stat_hessian(
+            affine,
+            stats,
+            head.grad.to(stats.dtype)[..., None] * param_slope,
+            head.grad.to(stats.dtype)[..., None, None] * param_curv,
+        )
     dh_du = torch.einsum("ncj,ncjdk->ncdk", param_slope, jac).reshape(n, channels, channels * moments)
     lam = torch.einsum("ncs,nc->ns", dh_du, head.grad.to(dh_du.dtype))  # (N, C*k)
     b_dh_du = head.apply(dh_du)  # (N, C, C*k)

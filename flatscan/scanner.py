@@ -17,6 +17,7 @@ from flatscan import flatness
 from flatscan._engine import (
     Constants,
     Recorder,
+    check_coupling,
     check_normalisation,
     head_taps,
     prepare_tapped,
@@ -115,9 +116,8 @@ def _measure(
     """Per-sample measures (float64) of one chunk of samples."""
     terms = sample_terms(head, const, tapped, logits, labels)
     scale = const.channel_scale
-    sqnorms = flatness.gradient_sqnorms(terms.slopes, terms.patches, scale)
     out = {
-        "trace": flatness.hessian_trace(sqnorms, terms.curv, terms.derivatives),
+        "trace": terms.trace(scale),
         "classifier_flatness": flatness.classifier_flatness(
             tapped["classifier_input"].flatten(1), logits, const.classifier_weight
         ),
@@ -126,10 +126,7 @@ def _measure(
         "correct_top5": (logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]).any(1).double(),
     }
     if not trace_only:
-        grad_gram = flatness.gradient_gram(terms.slopes, terms.patches, scale)
-        out["relative_flatness"] = flatness.relative_flatness(
-            const.kernel_gram, grad_gram, terms.curv, terms.derivatives
-        )
+        out["relative_flatness"] = terms.relative_flatness(const.kernel_gram, scale)
     return out
 
 
@@ -196,6 +193,7 @@ def _forward_batch(
     tapped, logits = prepare_tapped(head, tapped, logits, compute_dtype)
     if first:
         check_normalisation(head, tapped["pre_activation"].flatten(2), tapped["pooled"].flatten(1), logits, tap_dtype)
+        check_coupling(head, tapped, tap_dtype)
     return tapped, logits, labels
 
 

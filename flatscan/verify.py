@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flatscan import flatness
 from flatscan._engine import (
+    check_coupling,
     check_normalisation,
     head_taps,
     model_logits,
@@ -66,8 +66,15 @@ class VerifyResult:
 
 
 def _head_modules(model: nn.Module, head: NormalisedHead, pooled: Tensor) -> set[str]:
-    """Names of the modules the normalised head runs (the classifier; for a general head, all it calls)."""
+    """Names of the modules the normalised head runs: the classifier, a general head's, a coupling's (its gate)."""
     used = {head.classifier}
+    if head.coupling is not None:
+        roots = head.coupling.modules
+        used |= {
+            name
+            for name, _ in model.named_modules()
+            if any(name.split(".")[: len(r.split("."))] == r.split(".") for r in roots)
+        }
     if head.head_fn is not None:
         handles = [
             module.register_forward_pre_hook(lambda *_, name=name: used.add(name))
@@ -302,9 +309,8 @@ def verify(
         logits, tapped = recorder.forward(model, images)
     tapped, logits = prepare_tapped(head, tapped, logits, torch.float64)
     check_normalisation(head, tapped["pre_activation"].flatten(2), tapped["pooled"].flatten(1), logits, torch.float64)
-    terms = sample_terms(head, const, tapped, logits, labels)
-    grad_gram = flatness.gradient_gram(terms.slopes, terms.patches, const.channel_scale)
-    closed = flatness.block_traces(grad_gram, terms.curv, terms.derivatives).mean(0)
+    check_coupling(head, tapped, torch.float64)
+    closed = sample_terms(head, const, tapped, logits, labels).block_traces(const.channel_scale).mean(0)
 
     generator = torch.Generator().manual_seed(seed)
     channels = closed.shape[0]
