@@ -20,11 +20,9 @@ from timm.models.byobnet import (
 )
 from torch import nn
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, conv_norm_act, normalised_head, sole_activation, submodule
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import conv_norm_act, normalised_head, sole_activation, submodule
 
 # The last ConvNormAct of each residual block type; nothing but attn_last, drop_path, + shortcut, act follows it.
 _LAST_CONV = {
@@ -51,7 +49,7 @@ def describe_byobnet(model: ByobNet) -> NormalisedHead:
             f"head is {type(model.head).__name__}, not timm's ClassifierHead (global average pool -> Linear): "
             "attention pooling or a normalised MLP head is outside the class"
         )
-    head = {"family": "byobnet", "pool": "head.global_pool", "classifier": "head.fc"}
+    head = {"pool": "head.global_pool", "classifier": "head.fc"}
     if isinstance(model.final_conv, ConvNormAct):
         # num_features set (GENet, RegNetZ, ResNet33ts, ...): a 1x1 ConvNormAct after the last stage.
         conv, norm, act = conv_norm_act(model, "final_conv")

@@ -38,7 +38,6 @@ def describe_convnext(model: ConvNeXt) -> NormalisedHead:
     # The layer scale gamma is the per-channel scale; without one the scale is 1.
     scale = block.gamma.detach() if block.gamma is not None else fc2.weight.new_ones(fc2.weight.shape[0])
     return NormalisedHead(
-        family="convnext",
         feature_layer=f"{block_name}.mlp.fc2",
         pre_activation=Tap(block_name, "output"),
         pooled=Tap("head.global_pool", "output"),

@@ -7,16 +7,14 @@ from __future__ import annotations
 from timm.models.cspnet import BottleneckBlock, CrossStage, CrossStage3, CspNet, DarkStage
 from torch import nn
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, conv_norm_act, normalised_head, submodule
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import conv_norm_act, normalised_head, submodule
 
 
 @register("cspnet", CspNet)
 def describe_cspnet(model: CspNet) -> NormalisedHead:
-    head = {"family": "cspnet", "pool": "head.global_pool", "classifier": "head.fc"}
+    head = {"pool": "head.global_pool", "classifier": "head.fc"}
     stage_name = f"stages.{len(model.stages) - 1}"
     stage = submodule(model, stage_name)
     if isinstance(stage, (CrossStage, CrossStage3)):

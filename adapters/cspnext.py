@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from timm.models.cspnext import CspNext, CspNextLayer
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, conv_norm_act, normalised_head, submodule
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import conv_norm_act, normalised_head, submodule
 
 
 @register("cspnext", CspNext)
@@ -23,7 +21,6 @@ def describe_cspnext(model: CspNext) -> NormalisedHead:
     conv, norm, act = conv_norm_act(model, f"{layer_name}.final_conv")
     return normalised_head(
         model,
-        family="cspnext",
         feature_layer=conv,
         norm=norm,
         activation=act,

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from timm.models.densenet import DenseBlock, DenseNet
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, normalised_head
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import normalised_head
 
 
 @register("densenet", DenseNet)
@@ -24,7 +22,6 @@ def describe_densenet(model: DenseNet) -> NormalisedHead:
     total = model.features.norm5.num_features
     return normalised_head(
         model,
-        family="densenet",
         feature_layer=feature_layer,
         norm="features.norm5",
         activation="features.norm5.act",

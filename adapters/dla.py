@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from timm.models.dla import DLA, DlaRoot, DlaTree
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, normalised_head, submodule
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import normalised_head, submodule
 
 
 @register("dla", DLA)
@@ -27,7 +25,6 @@ def describe_dla(model: DLA) -> NormalisedHead:
     root = f"{name}.root"
     return normalised_head(
         model,
-        family="dla",
         feature_layer=f"{root}.conv",
         norm=f"{root}.bn",
         activation=f"{root}.relu",

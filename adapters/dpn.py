@@ -11,11 +11,9 @@ from __future__ import annotations
 
 from timm.models.dpn import DPN, DualPathBlock
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, normalised_head, submodule
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import normalised_head, submodule
 
 
 @register("dpn", DPN)
@@ -36,7 +34,6 @@ def describe_dpn(model: DPN) -> NormalisedHead:
     total = model.features.conv5_bn_ac.bn.num_features
     return normalised_head(
         model,
-        family="dpn",
         feature_layer=feature_layer,
         norm="features.conv5_bn_ac.bn",
         activation="features.conv5_bn_ac.bn.act",

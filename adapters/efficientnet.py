@@ -9,11 +9,9 @@ from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedRes
 from timm.models.efficientnet import EfficientNet
 from torch import nn
 
-from flatscan.contract import NormalisedHead, Tap
+from flatscan.contract import NormalisedHead, Tap, normalised_head, submodule
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import normalised_head, submodule
 
 # The last block's point-wise conv and the norm after it, by block type.
 _LAST_CONV = {DepthwiseSeparableConv: ("conv_pw", "bn2"), InvertedResidual: ("conv_pwl", "bn3")}
@@ -36,7 +34,7 @@ def _describe_last_block(model: EfficientNet) -> NormalisedHead:
         )
     conv, norm = (f"{block_name}.{name}" for name in _LAST_CONV[type(block)])
     act = _require_norm_act(model, norm)
-    head = {"family": "efficientnet", "feature_layer": conv, "norm": norm, "pool": "global_pool"}
+    head = {"feature_layer": conv, "norm": norm, "pool": "global_pool"}
     if not block.has_skip:
         return normalised_head(model, activation=act, classifier="classifier", **head)
     if not isinstance(submodule(model, act), nn.Identity):
@@ -51,7 +49,6 @@ def describe_efficientnet(model: EfficientNet) -> NormalisedHead:
         return _describe_last_block(model)
     return normalised_head(
         model,
-        family="efficientnet",
         feature_layer="conv_head",
         norm="bn2",
         activation=_require_norm_act(model, "bn2"),

@@ -11,11 +11,9 @@ from dataclasses import replace
 from timm.models.efficientvit_mit import ClassifierHead, EfficientVit, EfficientVitLarge
 from torch import nn
 
-from flatscan.contract import NormalisedHead, Tap
+from flatscan.contract import NormalisedHead, Tap, normalised_head
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import normalised_head
 
 
 @register("efficientvit", EfficientVit, EfficientVitLarge)
@@ -31,7 +29,6 @@ def describe_efficientvit(model: EfficientVit | EfficientVitLarge) -> Normalised
     classifier = f"head.classifier.{len(head.classifier) - 1}"
     linear_head = normalised_head(
         model,
-        family="efficientvit",
         feature_layer="head.in_conv.conv",
         norm="head.in_conv.norm",
         activation="head.in_conv.act",

@@ -8,11 +8,9 @@ from __future__ import annotations
 from timm.models.fasternet import FasterNet
 from torch import nn
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, normalised_head
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import normalised_head
 
 
 @register("fasternet", FasterNet)
@@ -24,7 +22,6 @@ def describe_fasternet(model: FasterNet) -> NormalisedHead:
         )
     return normalised_head(
         model,
-        family="fasternet",
         feature_layer="conv_head",
         norm=None,
         activation="act",

@@ -13,11 +13,16 @@ from timm.layers import LayerScale2d, NormMlpClassifierHead
 from timm.models.focalnet import FocalNet
 from torch import nn
 
-from flatscan.contract import NormalisedHead, Tap, require_average_pool
+from flatscan.contract import (
+    NormalisedHead,
+    Tap,
+    layer_scaled_residual_head,
+    norm_mlp_head_logits,
+    require_average_pool,
+    submodule,
+)
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import layer_scaled_residual_head, norm_mlp_head_logits, submodule
 
 
 def _refuse_position_norm(model: nn.Module, name: str, what: str, hint: str) -> None:
@@ -44,7 +49,6 @@ def describe_focalnet(model: FocalNet) -> NormalisedHead:
         raise UnsupportedModel(f"{block_name}.ls2 is {type(layer_scale).__name__}, not a per-channel LayerScale2d")
     return layer_scaled_residual_head(
         model,
-        family="focalnet",
         feature_layer=f"{block_name}.mlp.fc2",
         layer_scale=layer_scale.gamma if isinstance(layer_scale, LayerScale2d) else None,
         pre_activation=Tap(block_name, "output"),

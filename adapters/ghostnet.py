@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from timm.models.ghostnet import GhostNet
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, pooled_conv_head
 from flatscan.registry import register
-
-from ._common import pooled_conv_head
 
 
 @register("ghostnet", GhostNet)
 def describe_ghostnet(model: GhostNet) -> NormalisedHead:
-    return pooled_conv_head(model, "ghostnet")
+    return pooled_conv_head(model)

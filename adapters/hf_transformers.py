@@ -19,12 +19,18 @@ from transformers import (
 )
 from transformers import activations as hf_activations
 
-from flatscan.contract import NormalisedHead, Tap, activation_of, batchnorm_scale, require_linear
+from flatscan.contract import (
+    NormalisedHead,
+    Tap,
+    activation_of,
+    batchnorm_scale,
+    require_linear,
+    require_plain_conv,
+    submodule,
+)
 from flatscan.errors import UnsupportedModel
 from flatscan.flatness import Activation
 from flatscan.registry import register
-
-from ._common import require_plain_conv, submodule
 
 # transformers' own activation modules (ACT2FN) by the function they compute (torch's are read by activation_of);
 # looked up by name, as the set of classes changes between transformers releases.
@@ -59,14 +65,11 @@ def _linear(model: nn.Module, name: str) -> None:
     require_linear(submodule(model, name), name)
 
 
-def _conv_bn(
-    model: nn.Module, *, family: str, layer: str, activation: str, pooled: Tap, classifier: str
-) -> NormalisedHead:
+def _conv_bn(model: nn.Module, *, layer: str, activation: str, pooled: Tap, classifier: str) -> NormalisedHead:
     """``layer``'s convolution -> normalization [+ residual] -> ``activation`` -> global pool -> ``classifier``."""
     conv = f"{layer}.convolution"
     require_plain_conv(model, conv)
     return NormalisedHead(
-        family=family,
         feature_layer=conv,
         pre_activation=Tap(activation, "input"),
         pooled=pooled,
@@ -84,7 +87,6 @@ def describe_resnet_regnet(model: ResNetForImageClassification | RegNetForImageC
     RegNet-Y's squeeze-excitation gates the input of that conv, not its output, so it stays outside the head.
     """
     base = model.base_model_prefix
-    family = "resnet" if isinstance(model, ResNetForImageClassification) else "regnet"
     stages = model.base_model.encoder.stages
     block_name = f"{base}.encoder.stages.{len(stages) - 1}.layers.{len(stages[-1].layers) - 1}"
     block = submodule(model, block_name)
@@ -97,7 +99,6 @@ def describe_resnet_regnet(model: ResNetForImageClassification | RegNetForImageC
     _linear(model, "classifier.1")
     return _conv_bn(
         model,
-        family=family,
         layer=last,
         activation=f"{block_name}.activation",
         pooled=Tap("classifier.1", "input"),
@@ -130,7 +131,6 @@ def describe_convnext(model: ConvNextForImageClassification | ConvNextV2ForImage
     gamma = getattr(block, "layer_scale_parameter", None)
     scale = gamma.detach() if gamma is not None else fc2.weight.new_ones(fc2.out_features)
     return NormalisedHead(
-        family="convnext",
         feature_layer=f"{block_name}.pwconv2",
         pre_activation=Tap(block_name, "output"),
         pooled=Tap(f"{base}.layernorm", "input"),
@@ -162,7 +162,6 @@ def describe_efficientnet(model: EfficientNetForImageClassification) -> Normalis
     conv = f"{encoder}.top_conv"
     require_plain_conv(model, conv)
     return NormalisedHead(
-        family="efficientnet",
         feature_layer=conv,
         pre_activation=Tap(f"{encoder}.top_activation", "input"),
         pooled=Tap("efficientnet.pooler", "output"),
@@ -186,7 +185,6 @@ def describe_mobilenet_v2(model: MobileNetV2ForImageClassification) -> Normalise
     _linear(model, "classifier")
     return _conv_bn(
         model,
-        family="mobilenetv2",
         layer=layer,
         activation=f"{layer}.activation",
         pooled=Tap("classifier", "input"),

@@ -12,11 +12,9 @@ from functools import partial
 from timm.models.hgnet import HighPerfGpuNet, LearnableAffineBlock
 from torch import Tensor, nn
 
-from flatscan.contract import NormalisedHead, Tap, require_average_pool
+from flatscan.contract import NormalisedHead, Tap, normalised_head, require_average_pool, submodule
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import normalised_head, submodule
 
 
 def _affine_then_fc(lab: nn.Module, fc: nn.Module, pooled: Tensor) -> Tensor:
@@ -35,7 +33,6 @@ def describe_hgnet(model: HighPerfGpuNet) -> NormalisedHead:
     require_average_pool(submodule(model, "head.global_pool"), "head.global_pool")
     head = normalised_head(
         model,
-        family="hgnet",
         feature_layer="head.last_conv.0",
         norm=None,
         activation="head.last_conv.1",

@@ -9,11 +9,9 @@ from __future__ import annotations
 from timm.models.hrnet import HighResolutionNet
 from torch import nn
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, normalised_head
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import normalised_head
 
 
 @register("hrnet", HighResolutionNet)
@@ -26,7 +24,6 @@ def describe_hrnet(model: HighResolutionNet) -> NormalisedHead:
         )
     return normalised_head(
         model,
-        family="hrnet",
         feature_layer="final_layer.0",
         norm="final_layer.1",
         activation="final_layer.2",

@@ -10,11 +10,9 @@ from __future__ import annotations
 from timm.models.iformer import IFormer, Residual
 from torch import nn
 
-from flatscan.contract import NormalisedHead, Tap
+from flatscan.contract import NormalisedHead, Tap, bn_linear_classifier, conv_bn, layer_scaled_residual_head
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import bn_linear_classifier, conv_bn, layer_scaled_residual_head
 
 
 @register("iformer", IFormer)
@@ -36,7 +34,6 @@ def describe_iformer(model: IFormer) -> NormalisedHead:
     classifier, head_fn = bn_linear_classifier(model, "head")
     return layer_scaled_residual_head(
         model,
-        family="iformer",
         feature_layer=conv,
         layer_scale=scale,
         pre_activation=Tap(block_name),

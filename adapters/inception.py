@@ -13,21 +13,18 @@ from timm.models.inception_resnet_v2 import InceptionResnetV2
 from timm.models.inception_v3 import InceptionE, InceptionV3
 from timm.models.inception_v4 import InceptionC, InceptionV4
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, conv_norm_act, normalised_head, submodule
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
 
-from ._common import conv_norm_act, normalised_head, submodule
 
-
-def _first_branch(model: InceptionV3 | InceptionV4, branch: str, family: str, classifier: str) -> NormalisedHead:
+def _first_branch(model: InceptionV3 | InceptionV4, branch: str, classifier: str) -> NormalisedHead:
     conv, norm, act = conv_norm_act(model, branch)
     width = submodule(model, conv).out_channels
     # The branch comes first in the module's torch.cat: channels 0..width of the pooled vector. Its
     # activation's input has just those channels, which the slice leaves as they are.
     return normalised_head(
         model,
-        family=family,
         feature_layer=conv,
         norm=norm,
         activation=act,
@@ -41,7 +38,7 @@ def _first_branch(model: InceptionV3 | InceptionV4, branch: str, family: str, cl
 def describe_inception_v3(model: InceptionV3) -> NormalisedHead:
     if not isinstance(getattr(model, "Mixed_7c", None), InceptionE):
         raise UnsupportedModel("Mixed_7c is not an InceptionE module (the model was pruned)")
-    return _first_branch(model, "Mixed_7c.branch1x1", "inception_v3", "fc")
+    return _first_branch(model, "Mixed_7c.branch1x1", "fc")
 
 
 @register("inception_v4", InceptionV4)
@@ -49,7 +46,7 @@ def describe_inception_v4(model: InceptionV4) -> NormalisedHead:
     last = f"features.{len(model.features) - 1}"
     if not isinstance(submodule(model, last), InceptionC):
         raise UnsupportedModel(f"{last} is not an InceptionC module (the model was pruned)")
-    return _first_branch(model, f"{last}.branch0", "inception_v4", "last_linear")
+    return _first_branch(model, f"{last}.branch0", "last_linear")
 
 
 @register("inception_resnet_v2", InceptionResnetV2)
@@ -57,7 +54,6 @@ def describe_inception_resnet_v2(model: InceptionResnetV2) -> NormalisedHead:
     conv, norm, act = conv_norm_act(model, "conv2d_7b")
     return normalised_head(
         model,
-        family="inception_resnet_v2",
         feature_layer=conv,
         norm=norm,
         activation=act,

@@ -10,11 +10,9 @@ from functools import partial
 from timm.models.inception_next import MetaNeXt, MetaNeXtBlock, MlpClassifierHead
 from torch import Tensor
 
-from flatscan.contract import NormalisedHead, Tap, require_average_pool
+from flatscan.contract import NormalisedHead, Tap, layer_scaled_residual_head, require_average_pool, submodule
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import layer_scaled_residual_head, submodule
 
 
 def _head_logits(head: MlpClassifierHead, pooled: Tensor) -> Tensor:
@@ -34,7 +32,6 @@ def describe_inception_next(model: MetaNeXt) -> NormalisedHead:
         raise UnsupportedModel(f"{block_name} is {type(block).__name__}, not a MetaNeXtBlock: not the layout it knows")
     return layer_scaled_residual_head(
         model,
-        family="inception_next",
         feature_layer=f"{block_name}.mlp.fc2",
         layer_scale=block.gamma,
         pre_activation=Tap(block_name, "output"),

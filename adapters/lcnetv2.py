@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from timm.models.lcnetv2 import LCNetV2
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, pooled_conv_head
 from flatscan.registry import register
-
-from ._common import pooled_conv_head
 
 
 @register("lcnetv2", LCNetV2)
 def describe_lcnetv2(model: LCNetV2) -> NormalisedHead:
-    return pooled_conv_head(model, "lcnetv2")
+    return pooled_conv_head(model)

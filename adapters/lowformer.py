@@ -8,11 +8,9 @@ from functools import partial
 from timm.models.lowformer import LowFormer
 from torch import Tensor, nn
 
-from flatscan.contract import NormalisedHead, Tap
+from flatscan.contract import NormalisedHead, Tap, normalised_head
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import normalised_head
 
 
 def _head_logits(model: LowFormer, pooled: Tensor) -> Tensor:
@@ -29,7 +27,6 @@ def describe_lowformer(model: LowFormer) -> NormalisedHead:
         )
     linear_head = normalised_head(
         model,
-        family="lowformer",
         feature_layer="in_conv.conv",
         norm="in_conv.norm",
         activation="in_conv.act",

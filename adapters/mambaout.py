@@ -13,11 +13,9 @@ from timm.layers import ClNormMlpClassifierHead, LayerScale
 from timm.models.mambaout import GatedConvBlock, MambaOut, MlpHead
 from torch import Tensor, nn
 
-from flatscan.contract import NormalisedHead, Tap
+from flatscan.contract import NormalisedHead, Tap, layer_scaled_residual_head, submodule
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import layer_scaled_residual_head, submodule
 
 
 def _head_logits(head: nn.Module, pooled: Tensor) -> Tensor:
@@ -44,7 +42,6 @@ def describe_mambaout(model: MambaOut) -> NormalisedHead:
         raise UnsupportedModel(f"{block_name}.ls is {type(block.ls).__name__}, not a per-channel LayerScale")
     return layer_scaled_residual_head(
         model,
-        family="mambaout",
         feature_layer=f"{block_name}.fc2",
         layer_scale=block.ls.gamma if isinstance(block.ls, LayerScale) else None,
         pre_activation=Tap(block_name, "output", channels_last=True),

@@ -13,11 +13,9 @@ from timm.layers import Mlp
 from timm.models.metaformer import MetaFormer, Scale
 from torch import Tensor, nn
 
-from flatscan.contract import NormalisedHead, Tap, require_average_pool
+from flatscan.contract import NormalisedHead, Tap, layer_scaled_residual_head, require_average_pool, submodule
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import layer_scaled_residual_head, submodule
 
 
 def _head_logits(head: nn.Sequential, pooled: Tensor) -> Tensor:
@@ -41,7 +39,6 @@ def describe_metaformer(model: MetaFormer) -> NormalisedHead:
         raise UnsupportedModel(f"{block_name}.layer_scale2 is {type(layer_scale).__name__}, not a per-channel Scale")
     return layer_scaled_residual_head(
         model,
-        family="metaformer",
         feature_layer=f"{block_name}.mlp.fc2",
         # res_scale2 scales the shortcut only: part of the residual, not of the feature layer's output.
         layer_scale=layer_scale.scale if isinstance(layer_scale, Scale) else None,

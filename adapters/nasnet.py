@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from timm.models.nasnet import NASNetALarge
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, nas_cell_head
 from flatscan.registry import register
-
-from ._common import nas_cell_head
 
 
 @register("nasnet", NASNetALarge)
 def describe_nasnet(model: NASNetALarge) -> NormalisedHead:
-    return nas_cell_head(model, "nasnet", "cell_17")
+    return nas_cell_head(model, "cell_17")

@@ -12,12 +12,18 @@ from timm.layers import get_act_fn
 from timm.models.nfnet import GammaAct, NormFreeBlock, NormFreeNet
 from torch import nn
 
-from flatscan.contract import NormalisedHead, Tap, activation_of, require_average_pool, require_linear
+from flatscan.contract import (
+    NormalisedHead,
+    Tap,
+    activation_of,
+    require_average_pool,
+    require_linear,
+    require_plain_conv,
+    submodule,
+)
 from flatscan.errors import UnsupportedModel
 from flatscan.flatness import Activation
 from flatscan.registry import register
-
-from ._common import require_plain_conv, submodule
 
 _GAMMA_ACT_NAMES = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "relu": "relu", "silu": "silu", "swish": "silu"}
 
@@ -56,7 +62,6 @@ def describe_nfnet(model: NormFreeNet) -> NormalisedHead:
         conv = require_plain_conv(model, feature_layer)
         scale = conv.weight.new_ones(conv.out_channels).detach()
     return NormalisedHead(
-        family="nfnet",
         feature_layer=feature_layer,
         pre_activation=Tap("final_act", "input"),
         pooled=Tap("head.fc", "input"),

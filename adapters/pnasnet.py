@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from timm.models.pnasnet import PNASNet5Large
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, nas_cell_head
 from flatscan.registry import register
-
-from ._common import nas_cell_head
 
 
 @register("pnasnet", PNASNet5Large)
 def describe_pnasnet(model: PNASNet5Large) -> NormalisedHead:
-    return nas_cell_head(model, "pnasnet", "cell_11")
+    return nas_cell_head(model, "cell_11")

@@ -14,11 +14,16 @@ from timm.layers import NormMlpClassifierHead
 from timm.models.rdnet import Block, BlockESE, DenseStage, RDNet
 from torch import nn
 
-from flatscan.contract import NormalisedHead, Tap, require_average_pool
+from flatscan.contract import (
+    NormalisedHead,
+    Tap,
+    layer_scaled_residual_head,
+    norm_mlp_head_logits,
+    require_average_pool,
+    submodule,
+)
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import layer_scaled_residual_head, norm_mlp_head_logits, submodule
 
 
 @register("rdnet", RDNet)
@@ -48,7 +53,6 @@ def describe_rdnet(model: RDNet) -> NormalisedHead:
     total = stage.num_out_features
     return layer_scaled_residual_head(
         model,
-        family="rdnet",
         feature_layer=f"{block_name}.layers.layers.{len(block.layers.layers) - 1}",
         layer_scale=block.gamma,
         pre_activation=Tap(stage_name, "output"),

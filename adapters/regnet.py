@@ -6,16 +6,14 @@ from timm.layers import ConvNormAct
 from timm.models.regnet import PreBottleneck, RegNet, RegStage
 from torch import nn
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, conv_norm_act, normalised_head, sole_activation, submodule
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import conv_norm_act, normalised_head, sole_activation, submodule
 
 
 @register("regnet", RegNet)
 def describe_regnet(model: RegNet) -> NormalisedHead:
-    head = {"family": "regnet", "pool": "head.global_pool", "classifier": "head.fc"}
+    head = {"pool": "head.global_pool", "classifier": "head.fc"}
     if isinstance(model.final_conv, ConvNormAct):
         # num_features set (some RegNetZ): a 1x1 ConvNormAct after the last stage is the feature layer.
         conv, norm, act = conv_norm_act(model, "final_conv")

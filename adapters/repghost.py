@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from timm.models.repghost import RepGhostNet
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, pooled_conv_head
 from flatscan.registry import register
-
-from ._common import pooled_conv_head
 
 
 @register("repghostnet", RepGhostNet)
 def describe_repghostnet(model: RepGhostNet) -> NormalisedHead:
-    return pooled_conv_head(model, "repghostnet")
+    return pooled_conv_head(model)

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from timm.models.repvit import RepVit, RepViTBlock, RepVitDownsample
 
-from flatscan.contract import NormalisedHead, Tap
+from flatscan.contract import NormalisedHead, Tap, bn_linear_classifier, conv_bn, layer_scaled_residual_head
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import bn_linear_classifier, conv_bn, layer_scaled_residual_head
 
 # The residual MLP that ends each block type: output = x + mlp(x).
 _LAST_MLP = {RepViTBlock: "channel_mixer", RepVitDownsample: "ffn"}
@@ -33,7 +31,6 @@ def describe_repvit(model: RepVit) -> NormalisedHead:
     classifier, head_fn = bn_linear_classifier(model, "head")
     return layer_scaled_residual_head(
         model,
-        family="repvit",
         feature_layer=conv,
         layer_scale=scale,
         pre_activation=Tap(block_name),

@@ -16,13 +16,13 @@ from flatscan.contract import (
     Tap,
     activation_of,
     batchnorm_scale,
+    conv_norm_act,
+    normalised_head,
     require_average_pool,
     require_linear,
 )
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import conv_norm_act, normalised_head
 
 
 def _refuse_gate(block: nn.Module, block_name: str) -> None:
@@ -41,7 +41,6 @@ def _selective_kernel(model: ResNet, block: nn.Module, block_name: str) -> Norma
         raise UnsupportedModel(f"{norm_act} applies an activation before the residual add: not v = s z + t + r")
     return normalised_head(
         model,
-        family="resnet",
         feature_layer=conv,
         norm=norm,
         activation=f"{block_name}.act",
@@ -65,7 +64,6 @@ def _res2net(model: ResNet, block: Bottle2neck, block_name: str) -> NormalisedHe
         )
     return normalised_head(
         model,
-        family="resnet",
         feature_layer=f"{block_name}.conv3",
         norm=f"{block_name}.bn3",
         activation=where,
@@ -94,7 +92,6 @@ def describe_resnet(model: ResNet) -> NormalisedHead:
             "(nor SK-ResNet's or Res2Net's ending); no adapter knows its layout"
         )
     return NormalisedHead(
-        family="resnet",
         feature_layer=f"{block_name}.conv{last}",
         pre_activation=Tap(f"{block_name}.act{last}", "input"),
         pooled=Tap("fc", "input"),

@@ -10,11 +10,9 @@ from __future__ import annotations
 from timm.models.resnetv2 import Bottleneck, PreActBasic, PreActBottleneck, ResNetV2
 from torch import nn
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, normalised_head, submodule
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import normalised_head, submodule
 
 
 def _require_norm_act(model: nn.Module, norm: str) -> str:
@@ -25,7 +23,7 @@ def _require_norm_act(model: nn.Module, norm: str) -> str:
 
 @register("resnetv2", ResNetV2)
 def describe_resnetv2(model: ResNetV2) -> NormalisedHead:
-    head = {"family": "resnetv2", "pool": "head.global_pool", "classifier": "head.fc"}
+    head = {"pool": "head.global_pool", "classifier": "head.fc"}
     stage = len(model.stages) - 1
     block_name = f"stages.{stage}.blocks.{len(model.stages[stage].blocks) - 1}"
     block = submodule(model, block_name)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from timm.models.rexnet import RexNet
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, conv_norm_act, normalised_head
 from flatscan.registry import register
-
-from ._common import conv_norm_act, normalised_head
 
 
 @register("rexnet", RexNet)
 def describe_rexnet(model: RexNet) -> NormalisedHead:
     conv, norm, act = conv_norm_act(model, f"features.{len(model.features) - 1}")
     head = {"pool": "head.global_pool", "classifier": "head.fc"}
-    return normalised_head(model, family="rexnet", feature_layer=conv, norm=norm, activation=act, **head)
+    return normalised_head(model, feature_layer=conv, norm=norm, activation=act, **head)

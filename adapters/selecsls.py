@@ -5,11 +5,9 @@ from __future__ import annotations
 from timm.models.selecsls import SelecSls
 from torch import nn
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, normalised_head
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import normalised_head
 
 
 @register("selecsls", SelecSls)
@@ -23,7 +21,6 @@ def describe_selecsls(model: SelecSls) -> NormalisedHead:
         raise UnsupportedModel(f"{last} is {type(layer).__name__}, not SelecSLS's conv -> BatchNorm -> ReLU")
     return normalised_head(
         model,
-        family="selecsls",
         feature_layer=f"{last}.0",
         norm=f"{last}.1",
         activation=f"{last}.2",

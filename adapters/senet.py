@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from timm.models.senet import SENet
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, submodule
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import submodule
 
 
 @register("senet", SENet)

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 from timm.models.shvit import FFN, BasicBlock, Residual, SHViT
 
-from flatscan.contract import NormalisedHead, Tap, require_average_pool
+from flatscan.contract import (
+    NormalisedHead,
+    Tap,
+    bn_linear_classifier,
+    conv_bn,
+    layer_scaled_residual_head,
+    require_average_pool,
+)
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import bn_linear_classifier, conv_bn, layer_scaled_residual_head
 
 
 @register("shvit", SHViT)
@@ -30,7 +35,6 @@ def describe_shvit(model: SHViT) -> NormalisedHead:
     classifier, head_fn = bn_linear_classifier(model, "head")
     return layer_scaled_residual_head(
         model,
-        family="shvit",
         feature_layer=conv,
         layer_scale=scale,
         pre_activation=Tap(block_name),

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 from timm.models.starnet import Block, StarNet
 
-from flatscan.contract import NormalisedHead, Tap, batchnorm_scale, require_average_pool, require_linear
+from flatscan.contract import (
+    NormalisedHead,
+    Tap,
+    batchnorm_scale,
+    require_average_pool,
+    require_linear,
+    require_plain_conv,
+    submodule,
+)
 from flatscan.errors import UnsupportedModel
 from flatscan.flatness import Activation
 from flatscan.registry import register
-
-from ._common import require_plain_conv, submodule
 
 
 @register("starnet", StarNet)
@@ -31,7 +37,6 @@ def describe_starnet(model: StarNet) -> NormalisedHead:
     feature_layer = f"{block_name}.dwconv2.conv"
     require_plain_conv(model, feature_layer)
     return NormalisedHead(
-        family="starnet",
         feature_layer=feature_layer,
         pre_activation=Tap("norm", "output"),
         pooled=Tap("head", "input"),

@@ -9,11 +9,9 @@ from __future__ import annotations
 from timm.models.tresnet import BasicBlock, Bottleneck, TResNet
 from torch import nn
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, conv_norm_act, normalised_head, submodule
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import conv_norm_act, normalised_head, submodule
 
 
 @register("tresnet", TResNet)
@@ -37,7 +35,6 @@ def describe_tresnet(model: TResNet) -> NormalisedHead:
         raise UnsupportedModel(f"{norm_act} applies an activation before the residual add: not v = s z + t + r")
     return normalised_head(
         model,
-        family="tresnet",
         feature_layer=conv,
         norm=norm,
         activation=f"{block_name}.act",

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from timm.models.vgg import VGG, ConvMlp
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, normalised_head
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import normalised_head
 
 
 @register("vgg", VGG)
@@ -17,7 +15,6 @@ def describe_vgg(model: VGG) -> NormalisedHead:
         raise UnsupportedModel(f"pre_logits is {type(model.pre_logits).__name__}, not timm's ConvMlp")
     return normalised_head(
         model,
-        family="vgg",
         feature_layer="pre_logits.fc2",
         norm=None,
         activation="pre_logits.act2",

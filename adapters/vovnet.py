@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from timm.models.vovnet import OsaBlock, VovNet
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, conv_norm_act, normalised_head, submodule
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import conv_norm_act, normalised_head, submodule
 
 
 @register("vovnet", VovNet)
@@ -34,7 +32,6 @@ def describe_vovnet(model: VovNet) -> NormalisedHead:
     conv, norm, act = conv_norm_act(model, f"{block_name}.conv_concat")
     return normalised_head(
         model,
-        family="vovnet",
         feature_layer=conv,
         norm=norm,
         activation=act,

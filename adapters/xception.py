@@ -17,18 +17,15 @@ from timm.models.xception_aligned import (
 )
 from torch import nn
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, normalised_head, sole_activation, submodule
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
-
-from ._common import normalised_head, sole_activation, submodule
 
 
 @register("xception", Xception)
 def describe_xception(model: Xception) -> NormalisedHead:
     return normalised_head(
         model,
-        family="xception",
         feature_layer="conv4.pointwise",
         norm="bn4",
         activation="act4",
@@ -39,7 +36,7 @@ def describe_xception(model: Xception) -> NormalisedHead:
 
 @register("xception_aligned", XceptionAligned)
 def describe_xception_aligned(model: XceptionAligned) -> NormalisedHead:
-    head = {"family": "xception_aligned", "pool": "head.global_pool", "classifier": "head.fc"}
+    head = {"pool": "head.global_pool", "classifier": "head.fc"}
     block_name = f"blocks.{len(model.blocks) - 1}"
     block = submodule(model, block_name)
     if not isinstance(block, (XceptionModule, PreXceptionModule)) or len(block.stack) == 0:

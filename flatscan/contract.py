@@ -1,19 +1,37 @@
-"""The adapter contract: a model's head normalised to feature layer -> affine -> activation -> GAP -> head.
+"""The adapter contract, and the one module an adapter author imports: a model's head normalised to
+feature layer -> affine -> activation -> GAP -> head.
 
-Adapters describe a model with a :class:`NormalisedHead`; the scanner consumes nothing else. The
-helpers here read generic torch/timm layers (BatchNorm, activations, pools) and refuse, with a
-reason, whatever is outside the class.
+Adapters describe a model with a :class:`NormalisedHead`; the scanner consumes nothing else. An adapter is a
+function ``describe(model) -> NormalisedHead`` registered with :func:`flatscan.register` (``@register("family",
+ModelClass)``); the registry fills in ``NormalisedHead.family``, so an adapter never names its family.
+
+What is here, for writing one:
+
+- the contract: :class:`NormalisedHead`, :class:`Tap`;
+- generic layers, each read or refused with a reason: :func:`batchnorm_scale`, :func:`activation_of`,
+  :func:`require_average_pool`, :func:`require_linear`, :func:`require_plain_conv`,
+  :func:`require_feature_layer`, :func:`submodule`, :func:`qualified_name`;
+- timm building blocks: :func:`conv_norm_act` (ConvNormAct), :func:`conv_bn` (LeViT-style ConvNorm),
+  :func:`bn_linear_classifier` (NormLinear / RepVitClassifier), :func:`norm_mlp_head_logits`
+  (NormMlpClassifierHead), :func:`sole_activation`;
+- whole heads: :func:`normalised_head` (conv -> BatchNorm [+ residual] -> activation -> GAP -> Linear),
+  :func:`layer_scaled_residual_head` (ConvNeXt-like, no activation), :func:`pooled_conv_head` (MobileNetV3's
+  pool-first head), :func:`nas_cell_head` (NASNet / PNASNet).
+
+Every helper raises :class:`~flatscan.errors.UnsupportedModel` with the reason for a model outside the class.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
+from timm.layers import Conv2dSame, ConvNormAct, NormMlpClassifierHead
 from timm.layers import activations as timm_act
+from timm.layers.conv2d_same import Conv2dSameExport
 from torch import Tensor, nn
 
 from flatscan.errors import UnsupportedModel
@@ -43,9 +61,9 @@ class NormalisedHead:
     activation(v)`` is ``h[:, channels]`` of the pooled vector read at ``pooled``; logits are
     ``classifier(h)`` (linear head, ``head_fn`` None) or ``head_fn(h)``.
     ``classifier`` is the final Linear layer, whose input the classifier-layer flatness uses.
+    ``family`` is the name the adapter was registered under: :func:`flatscan.describe` sets it, adapters leave it.
     """
 
-    family: str
     feature_layer: str
     pre_activation: Tap
     pooled: Tap
@@ -54,6 +72,7 @@ class NormalisedHead:
     classifier: str
     head_fn: Callable[[Tensor], Tensor] | None = None
     channels: slice = field(default_factory=lambda: slice(None))
+    family: str = ""  # set by the registry (flatscan.describe) to the family the adapter was registered under
 
     @property
     def head_type(self) -> str:
@@ -152,3 +171,238 @@ def qualified_name(model: nn.Module, module: nn.Module) -> str:
         if candidate is module:
             return name
     raise ValueError(f"{type(module).__name__} is not a submodule of {type(model).__name__}")
+
+
+# Convolutions whose forward applies ``.weight`` itself (timm's 'SAME' variants only pad the input first).
+_PLAIN_CONVS = (nn.Conv2d, Conv2dSame, Conv2dSameExport)
+
+
+def submodule(model: nn.Module, name: str) -> nn.Module:
+    """``model``'s submodule ``name``, or :class:`UnsupportedModel` when it has none."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise UnsupportedModel(f"{type(model).__name__} has no {name}: not the layout its adapter knows") from None
+
+
+def require_plain_conv(model: nn.Module, name: str) -> nn.Conv2d:
+    """The Conv2d ``name``, refused unless its forward convolves with ``.weight`` as stored."""
+    conv = submodule(model, name)
+    if not isinstance(conv, nn.Conv2d):
+        raise UnsupportedModel(f"{name} is {type(conv).__name__}, not a Conv2d: there is no feature convolution")
+    if type(conv) not in _PLAIN_CONVS and type(conv).forward is not nn.Conv2d.forward:
+        raise UnsupportedModel(
+            f"{name} is {type(conv).__name__}, whose forward transforms its weight (e.g. weight standardisation) "
+            "before convolving: measure the kernel it applies with flatscan.inference_form(model) (flatscan's "
+            "loader does this)"
+        )
+    return conv
+
+
+def conv_norm_act(model: nn.Module, name: str) -> tuple[str, str, str]:
+    """(conv, norm, activation) names inside timm's ConvNormAct ``name`` (conv -> BatchNormAct2d)."""
+    block = submodule(model, name)
+    if not isinstance(block, ConvNormAct):
+        raise UnsupportedModel(f"{name} is {type(block).__name__}, not timm's ConvNormAct")
+    if not isinstance(getattr(block, "aa", None), (type(None), nn.Identity)):
+        raise UnsupportedModel(
+            f"{name}.aa ({type(block.aa).__name__}) blurs and subsamples the feature layer's output before the "
+            "pool: not element-wise"
+        )
+    if not isinstance(getattr(block.bn, "act", None), nn.Module):
+        raise UnsupportedModel(f"{name}.bn is {type(block.bn).__name__}, not timm's BatchNormAct2d")
+    return f"{name}.conv", f"{name}.bn", f"{name}.bn.act"
+
+
+def sole_activation(model: nn.Module, names: Sequence[str]) -> str:
+    """The one non-Identity module among the element-wise modules ``names`` (in execution order), else the last."""
+    active = [name for name in names if not isinstance(submodule(model, name), nn.Identity)]
+    if len(active) > 1:
+        raise UnsupportedModel(
+            f"{' then '.join(active)} apply activations one after the other after the feature layer; flatscan "
+            "needs a single element-wise activation"
+        )
+    return active[0] if active else names[-1]
+
+
+def normalised_head(
+    model: nn.Module,
+    *,
+    feature_layer: str,
+    norm: str | None,
+    activation: str,
+    pool: str,
+    classifier: str,
+    channels: slice | None = None,
+    pre_activation: Tap | None = None,
+) -> NormalisedHead:
+    """feature_layer -> BatchNorm ``norm`` (None: scale 1) -> [+ residual] -> ``activation`` -> GAP -> Linear.
+
+    ``pool`` is the global pool, ``classifier`` the Linear layer reading the pooled vector. ``channels``
+    (DenseNet) are the pooled channels the feature layer feeds, when ``norm`` spans more channels. The
+    pre-activation is read at the input of ``activation`` unless ``pre_activation`` says where.
+    """
+    require_average_pool(submodule(model, pool), pool)
+    require_linear(submodule(model, classifier), classifier)
+    conv = require_plain_conv(model, feature_layer)
+    if norm is None:
+        scale = conv.weight.new_ones(conv.out_channels).detach()
+    else:
+        scale = batchnorm_scale(submodule(model, norm), norm)
+    channels = slice(None) if channels is None else channels
+    scale = scale[channels]
+    if scale.shape[0] != conv.out_channels:
+        raise UnsupportedModel(
+            f"{feature_layer} has {conv.out_channels} output channels but {norm} scales {scale.shape[0]} of them"
+        )
+    return NormalisedHead(
+        feature_layer=feature_layer,
+        pre_activation=pre_activation or Tap(activation, "input"),
+        pooled=Tap(classifier, "input"),
+        channel_scale=scale,
+        activation=activation_of(submodule(model, activation), activation),
+        classifier=classifier,
+        channels=channels,
+    )
+
+
+def pooled_conv_head(model: nn.Module) -> NormalisedHead:
+    """MobileNetV3's 'efficient head': global_pool -> conv_head -> [norm_head] -> act2 -> flatten -> classifier.
+
+    The pool runs first, so the feature layer conv_head acts on the pooled (N, C, 1, 1) vector: L = 1.
+    """
+    if not isinstance(getattr(model, "conv_head", None), nn.Conv2d):
+        raise UnsupportedModel(
+            "conv_head is missing (the model was built or pruned without its head convolution): the pooled "
+            "vector feeds the classifier directly, with no feature convolution"
+        )
+    require_average_pool(submodule(model, "global_pool"), "global_pool")
+    norm_head = getattr(model, "norm_head", None)
+    if norm_head is None or isinstance(norm_head, nn.Identity):
+        norm, chain = None, ["act2"]
+    else:
+        if not isinstance(getattr(norm_head, "act", None), nn.Module):
+            raise UnsupportedModel(f"norm_head is {type(norm_head).__name__}, not timm's BatchNormAct2d")
+        norm, chain = "norm_head", ["norm_head.act", "act2"]
+    return normalised_head(
+        model,
+        feature_layer="conv_head",
+        norm=norm,
+        activation=sole_activation(model, chain),
+        pool="global_pool",
+        classifier="classifier",
+    )
+
+
+def require_feature_layer(model: nn.Module, name: str) -> nn.Module:
+    """The feature layer ``name``: a plain Conv2d (:func:`require_plain_conv`) or a Linear on a channels-last map."""
+    layer = submodule(model, name)
+    if isinstance(layer, nn.Linear):
+        if type(layer).forward is not nn.Linear.forward:
+            raise UnsupportedModel(f"{name} is {type(layer).__name__}, a Linear whose forward is not nn.Linear's")
+        return layer
+    return require_plain_conv(model, name)
+
+
+def layer_scaled_residual_head(
+    model: nn.Module,
+    *,
+    feature_layer: str,
+    layer_scale: Tensor | None,
+    pre_activation: Tap,
+    pooled: Tap,
+    classifier: str,
+    head_fn: Callable[[Tensor], Tensor] | None = None,
+    channels: slice | None = None,
+) -> NormalisedHead:
+    """feature_layer -> [* layer_scale] [+ shortcut] -> GAP -> head, with no activation in between (ConvNeXt-like).
+
+    ``layer_scale`` is the per-channel scale on the feature layer's output (None: 1); a scale on the shortcut
+    is part of the residual. ``pre_activation`` reads v (channel-first, pooled channel layout), ``pooled`` the
+    pooled vector; logits are ``head_fn(pooled)``, or ``classifier(pooled)`` when ``head_fn`` is None.
+    """
+    require_linear(submodule(model, classifier), classifier)
+    layer = require_feature_layer(model, feature_layer)
+    out_channels = layer.weight.shape[0]
+    scale = layer.weight.new_ones(out_channels) if layer_scale is None else layer_scale.flatten()
+    if scale.shape[0] != out_channels:
+        raise UnsupportedModel(
+            f"{feature_layer} has {out_channels} output channels but its layer scale has {scale.shape[0]}"
+        )
+    return NormalisedHead(
+        feature_layer=feature_layer,
+        pre_activation=pre_activation,
+        pooled=pooled,
+        channel_scale=scale.detach(),
+        activation=Activation("identity"),
+        classifier=classifier,
+        head_fn=head_fn,
+        channels=slice(None) if channels is None else channels,
+    )
+
+
+def norm_mlp_head_logits(head: NormMlpClassifierHead, pooled: Tensor) -> Tensor:
+    """timm's NormMlpClassifierHead after its global pool, on the pooled vector (N, C): norm -> [MLP] -> fc."""
+    x = head.flatten(head.norm(pooled[:, :, None, None]))
+    return head.fc(head.drop(head.pre_logits(x)))
+
+
+def conv_bn(model: nn.Module, name: str) -> tuple[str, Tensor]:
+    """The convolution in ``name`` and its per-channel BatchNorm scale.
+
+    ``name`` is a LeViT-style ``ConvNorm`` (a Sequential of conv ``c`` and BatchNorm ``bn``: SHViT, RepViT,
+    iFormer), or the biased Conv2d that ``timm.utils.reparameterize_model`` fuses it into (scale 1).
+    """
+    module = submodule(model, name)
+    if isinstance(module, nn.Sequential) and list(module._modules) == ["c", "bn"]:
+        return f"{name}.c", batchnorm_scale(module.bn, f"{name}.bn")
+    conv = require_plain_conv(model, name)
+    return name, conv.weight.new_ones(conv.out_channels).detach()
+
+
+def bn_linear_classifier(model: nn.Module, name: str) -> tuple[str, Callable[[Tensor], Tensor] | None]:
+    """(classifier, head function) of the head ``name`` that reads the pooled vector.
+
+    A Linear is the classifier itself (no head function). timm's ``NormLinear`` (BatchNorm1d -> Linear: SHViT,
+    RepViT, iFormer) is a head function whose Linear ``l`` is the classifier. timm's ``RepVitClassifier`` wraps
+    one, or averages two in distilled models; ``reparameterize_model`` fuses either into one Linear.
+    """
+    module = submodule(model, name)
+    if isinstance(getattr(module, "distillation", None), bool):  # RepVitClassifier (RepViT, iFormer)
+        if module.distillation and not isinstance(module.head_dist, nn.Identity):
+            raise UnsupportedModel(
+                f"{name} averages the logits of two classifiers (head and the distillation head_dist), so no "
+                "single Linear layer produces the logits; reparameterise the model first "
+                "(timm.utils.reparameterize_model(model)), which fuses them into the one Linear it deploys"
+            )
+        return bn_linear_classifier(model, f"{name}.head")
+    if isinstance(module, nn.Sequential) and list(module._modules) == ["bn", "l"]:
+        norm = module.bn
+        if not isinstance(norm, nn.BatchNorm1d) or norm.running_mean is None:
+            raise UnsupportedModel(f"{name}.bn is not a BatchNorm1d with running statistics: the head is not fixed")
+        require_linear(module.l, f"{name}.l")
+        return f"{name}.l", module
+    require_linear(module, name)
+    return name, None
+
+
+def nas_cell_head(model: nn.Module, cell: str) -> NormalisedHead:
+    """NASNet / PNASNet: the last cell concatenates its branches, then act (ReLU) -> global_pool -> last_linear.
+
+    The last weight layer executed is the point-wise conv of the cell's last branch ``comb_iter_4_left``
+    (-> bn_sep_2, + the cell's right input or its 1x1 projection); it feeds the last channels of the concat.
+    """
+    if getattr(model, cell, None) is None:
+        raise UnsupportedModel(f"{cell} was pruned (prune_intermediate_layers): the classifier head is gone")
+    branch = f"{cell}.comb_iter_4_left"
+    head = normalised_head(
+        model,
+        feature_layer=f"{branch}.separable_2.pointwise_conv2d",
+        norm=f"{branch}.bn_sep_2",
+        activation="act",
+        pool="global_pool",
+        classifier="last_linear",
+    )
+    # bn_sep_2 spans only the branch's channels; act's input (the pre-activation) spans the whole concat.
+    total = model.num_features
+    return replace(head, channels=slice(total - head.channel_scale.shape[0], total))

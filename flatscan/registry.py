@@ -1,10 +1,14 @@
-"""The adapter registry: which adapter describes which model class."""
+"""The adapter registry: which adapter describes which model class.
+
+An adapter is registered under its family's name (``@register("resnet", ResNet)``); :func:`describe` fills that
+name into the head the adapter returns (``NormalisedHead.family``), so adapters do not repeat it.
+"""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from torch import nn
@@ -33,7 +37,8 @@ def register(
 ) -> Callable[[Callable[[M], NormalisedHead]], Callable[[M], NormalisedHead]]:
     """Register ``describe(model) -> NormalisedHead`` for instances of ``model_types``.
 
-    Later registrations take precedence, so a user's adapter can override a built-in one.
+    Later registrations take precedence, so a user's adapter can override a built-in one. The heads it returns
+    are given the family ``family`` by :func:`describe`.
     """
 
     def decorator(describe_fn: Callable[[M], NormalisedHead]) -> Callable[[M], NormalisedHead]:
@@ -53,11 +58,11 @@ def list_adapters() -> list[Adapter]:
 
 
 def describe(model: nn.Module) -> NormalisedHead:
-    """The normalised head of ``model``, or :class:`UnsupportedModel` with the reason."""
+    """The normalised head of ``model`` (``family``: the adapter's), or :class:`UnsupportedModel` with the reason."""
     registered = list_adapters()
     for adapter in registered:
         if isinstance(model, adapter.model_types):
-            return adapter.describe(model)
+            return replace(adapter.describe(model), family=adapter.family)
     families = ", ".join(sorted({a.family for a in registered}))
     raise UnsupportedModel(
         f"no adapter for {type(model).__name__} (supported families: {families}); register one with flatscan.register"

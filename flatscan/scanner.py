@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Conv2dSame, pad_same
-from timm.layers.conv2d_same import Conv2dSameExport
 from torch import Tensor, nn
 
 from flatscan import flatness
-from flatscan.contract import NormalisedHead, Tap
-from flatscan.errors import ScanError, ScanInterrupted, UnsupportedModel
+from flatscan._engine import (
+    Constants,
+    Recorder,
+    check_normalisation,
+    head_taps,
+    prepare_tapped,
+    recording,
+    sample_terms,
+    scan_constants,
+)
+from flatscan.contract import NormalisedHead
+from flatscan.errors import ScanError, ScanInterrupted
 from flatscan.registry import describe
 
 # Per-chunk working memory for the per-sample matrices (C x C and classes x C for kappa). A GPU gets more: each
@@ -76,103 +83,6 @@ class _Moments:
         return math.sqrt(self.m2 / (self.count - 1) / self.count) if self.count > 1 else math.nan
 
 
-class _Recorder:
-    """Forward hooks that keep a copy of each tapped tensor of one forward pass."""
-
-    def __init__(self, model: nn.Module, taps: dict[str, Tap]) -> None:
-        modules = dict(model.named_modules())
-        self.taps = taps
-        self.values: dict[str, Tensor] = {}
-        self.recording = False  # only the model's own forward is recorded, not the head calls of the math
-        self.handles = []
-        for key, tap in taps.items():
-            module = modules.get(tap.module)
-            if module is None:
-                raise UnsupportedModel(f"the adapter taps {tap.module!r}, which the model does not have")
-            if tap.point == "input":
-                self.handles.append(module.register_forward_pre_hook(partial(self._keep_input, key)))
-            else:
-                self.handles.append(module.register_forward_hook(partial(self._keep_output, key)))
-
-    def _keep(self, key: str, tensor: Tensor) -> None:
-        if not self.recording:
-            return
-        if key in self.values:
-            raise UnsupportedModel(
-                f"{self.taps[key].module} runs more than once in a forward pass; flatscan needs one call"
-            )
-        if key == "pooled" and tensor.dim() == 4 and tensor.shape[2] * tensor.shape[3] != 1:
-            # Refused here, before the rest of the forward: a fixed-size pool (transformers' EfficientNet pools
-            # with AvgPool2d(hidden_dim)) is global only up to its window, and the model may fail after it.
-            positions = "x".join(str(n) for n in tensor.shape[2:])
-            raise UnsupportedModel(
-                f"the pool ({self.taps[key].module}) leaves {positions} positions per channel at this input size, "
-                "not one: it is not a global pool for images this large; scan smaller images (--img-size)"
-            )
-        # A copy: in-place activations (ReLU(inplace=True), x += shortcut) overwrite the original.
-        self.values[key] = tensor.detach().clone()
-
-    def _keep_input(self, key: str, module: nn.Module, args: tuple[Tensor, ...]) -> None:
-        self._keep(key, args[0])
-
-    def _keep_output(self, key: str, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-        self._keep(key, output)
-
-    def forward(self, model: nn.Module, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The model's logits and the tensors tapped during that forward pass."""
-        self.recording = True
-        try:
-            logits = model_logits(model(images))
-        finally:
-            self.recording = False
-        missing = [self.taps[key].module for key in self.taps if key not in self.values]
-        if missing:
-            raise UnsupportedModel(f"{', '.join(missing)} did not run in the forward pass")
-        values, self.values = self.values, {}
-        return logits, values
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def model_logits(output: Any) -> Tensor:
-    """The logits of a model's forward: the tensor itself, or the ``logits`` of a transformers ``ModelOutput``."""
-    return getattr(output, "logits", output)
-
-
-@contextmanager
-def _recording(model: nn.Module, taps: dict[str, Tap]) -> Iterator[_Recorder]:
-    recorder = _Recorder(model, taps)
-    try:
-        yield recorder
-    finally:
-        recorder.remove()
-
-
-def feature_patches(layer: nn.Module, inputs: Tensor) -> Tensor:
-    """Patches (N, groups, D, L) seen by ``layer``: Conv2d, timm's Conv2dSame, or a channels-last Linear."""
-    if isinstance(layer, nn.Linear):
-        return flatness.linear_patches(inputs)
-    if not isinstance(layer, nn.Conv2d):
-        raise UnsupportedModel(f"the feature layer is {type(layer).__name__}; flatscan measures Conv2d and Linear")
-    kernel, stride, dilation = layer.kernel_size, layer.stride, layer.dilation
-    if isinstance(layer, (Conv2dSame, Conv2dSameExport)):
-        # TensorFlow 'SAME' padding depends on the input size; timm's own pad_same applies it.
-        inputs = pad_same(inputs, kernel, stride, dilation)
-        padding = (0, 0, 0, 0)
-    elif layer.padding == "same":
-        # As torch does it: the odd pixel of an asymmetric padding goes right / bottom.
-        th, tw = (d * (k - 1) for d, k in zip(dilation, kernel, strict=True))
-        padding = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
-    elif layer.padding == "valid":
-        padding = (0, 0, 0, 0)
-    else:
-        ph, pw = layer.padding
-        padding = (pw, pw, ph, ph)
-    return flatness.conv_patches(inputs, kernel, stride, dilation, padding, layer.groups, layer.padding_mode)
-
-
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``device``; None or "auto": CUDA when available, then MPS, else CPU."""
     if device is None or device == "auto":
@@ -182,61 +92,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-@dataclass(frozen=True)
-class _Constants:
-    """Per-scan tensors on the compute device and dtype."""
-
-    feature_layer: nn.Module
-    classifier_weight: Tensor
-    channel_scale: Tensor
-    kernel_gram: Tensor
-
-
-def _check_normalisation(
-    head: NormalisedHead, pre_activation: Tensor, pooled: Tensor, logits: Tensor, tap_dtype: torch.dtype
-) -> None:
-    """Refuse a model whose pooled vector (or logits) the normalised head does not reproduce."""
-    # Loose enough for the rounding of a half-precision (--amp) forward, tight enough to catch a wrong head.
-    tolerance = min(1e3 * torch.finfo(tap_dtype).eps, 2e-2)
-    got = pooled[:, head.channels]
-    expected = head.activation(pre_activation).mean(-1)
-    if (expected - got).abs().max() > tolerance * (1 + got.abs().max()):
-        raise UnsupportedModel(
-            f"the pooled vector ({head.pooled.point} of {head.pooled.module}) is not the average of "
-            f"{head.activation.label}(pre-activation at {head.pre_activation.module}): something between "
-            f"the feature layer and the pool is not element-wise, or the {head.family} adapter is wrong"
-        )
-    if head.head_fn is not None:
-        recomputed = head.head_fn(pooled)
-        if (recomputed - logits).abs().max() > tolerance * (1 + logits.abs().max()):
-            raise UnsupportedModel(f"the {head.family} adapter's head function does not reproduce the logits")
-
-
-def _prepare(
-    head: NormalisedHead, tapped: dict[str, Tensor], logits: Tensor, dtype: torch.dtype
-) -> tuple[dict[str, Tensor], Tensor]:
-    """Tapped tensors and logits in the compute dtype; the pre-activation cut to the feature layer's channels."""
-    tapped = {key: value.to(dtype) for key, value in tapped.items()}
-    if head.pre_activation.channels_last:
-        tapped["pre_activation"] = tapped["pre_activation"].movedim(-1, 1)
-    tapped["pre_activation"] = tapped["pre_activation"][:, head.channels]
-    return tapped, logits.to(dtype)
-
-
-def _constants(model: nn.Module, head: NormalisedHead, device: torch.device, dtype: torch.dtype) -> _Constants:
-    modules = dict(model.named_modules())
-    feature_layer = modules[head.feature_layer]
-    kernel = feature_layer.weight.detach().to(dtype).flatten(1)
-    return _Constants(
-        feature_layer=feature_layer,
-        # (classes, C): a 1x1-conv classifier's (classes, C, 1, 1) kernel is the same matrix
-        classifier_weight=modules[head.classifier].weight.detach().to(dtype).flatten(1),
-        channel_scale=head.channel_scale.to(device, dtype),
-        kernel_gram=kernel @ kernel.T,
-    )
-
-
-def _chunk_size(const: _Constants, device: torch.device, trace_only: bool) -> int:
+def _chunk_size(const: Constants, device: torch.device, trace_only: bool) -> int:
     """Samples per chunk of the closed form, so that its per-sample matrices fit the device's chunk budget."""
     channels, classes = const.kernel_gram.shape[0], const.classifier_weight.shape[0]
     kernel_size = const.feature_layer.weight[0].numel()  # D, the length of g_c when g is formed
@@ -248,55 +104,16 @@ def _chunk_size(const: _Constants, device: torch.device, trace_only: bool) -> in
     return max(1, budget // (per_sample * const.kernel_gram.element_size()))
 
 
-def _taps(head: NormalisedHead) -> dict[str, Tap]:
-    return {
-        "features": Tap(head.feature_layer, "input"),
-        "pre_activation": head.pre_activation,
-        "pooled": head.pooled,
-        "classifier_input": Tap(head.classifier, "input"),
-    }
-
-
-@dataclass(frozen=True)
-class _Terms:
-    """Per-sample ingredients of the closed form: patches P, sigma'(v), curv_c, and e, B of the head."""
-
-    patches: Tensor
-    slopes: Tensor
-    curv: Tensor
-    derivatives: flatness.HeadDerivatives
-
-
-def _terms(
-    head: NormalisedHead, const: _Constants, tapped: dict[str, Tensor], logits: Tensor, labels: Tensor
-) -> _Terms:
-    scale = const.channel_scale
-    pre_activation = tapped["pre_activation"].flatten(2)
-    patches = feature_patches(const.feature_layer, tapped["features"])
-    if pre_activation.shape[-1] != patches.shape[-1]:
-        raise UnsupportedModel(
-            f"the pre-activation has {pre_activation.shape[-1]} positions but the feature layer "
-            f"{patches.shape[-1]}: something between them changes the spatial size"
-        )
-    slopes, curvatures = head.activation.derivatives(pre_activation)
-    if head.head_fn is None:
-        derivatives = flatness.linear_head_derivatives(logits, labels, const.classifier_weight)
-    else:
-        derivatives = flatness.head_derivatives(head.head_fn, tapped["pooled"].flatten(1), labels)
-    curv = flatness.curvature(curvatures, patches, scale)
-    return _Terms(patches, slopes, curv, derivatives.select(head.channels))
-
-
 def _measure(
     head: NormalisedHead,
-    const: _Constants,
+    const: Constants,
     tapped: dict[str, Tensor],
     logits: Tensor,
     labels: Tensor,
     trace_only: bool,
 ) -> dict[str, Tensor]:
     """Per-sample measures (float64) of one chunk of samples."""
-    terms = _terms(head, const, tapped, logits, labels)
+    terms = sample_terms(head, const, tapped, logits, labels)
     scale = const.channel_scale
     sqnorms = flatness.gradient_sqnorms(terms.slopes, terms.patches, scale)
     out = {
@@ -342,6 +159,67 @@ def _result(
     )
 
 
+def _check_labels(labels: Tensor, classes: int) -> None:
+    """Refuse labels outside the model's ``classes``."""
+    if labels.min() < 0 or labels.max() >= classes:
+        bad = labels[(labels < 0) | (labels >= classes)][0].item()
+        raise ScanError(
+            f"label {bad} is outside the model's {classes} classes; map the dataset's labels to the model's classes"
+        )
+
+
+def _forward_batch(
+    recorder: Recorder,
+    model: nn.Module,
+    head: NormalisedHead,
+    batch: tuple[Tensor, Tensor],
+    device: torch.device,
+    dtypes: tuple[torch.dtype, torch.dtype],
+    amp: bool,
+    first: bool,
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """(tapped tensors, logits) of one forward pass in the compute dtype, and the labels on ``device``.
+
+    ``dtypes`` are the model's and the compute dtype. The labels are checked against the model's classes, and
+    on the ``first`` batch the tapped tensors against the normalised head.
+    """
+    images, labels = batch
+    param_dtype, compute_dtype = dtypes
+    images = images.to(device, param_dtype if images.is_floating_point() else None)
+    # Checked where the loader made them (the CPU, as a rule): a check on the GPU would wait for it.
+    given_labels, labels = labels, labels.to(device, non_blocking=True)
+    low_precision = torch.bfloat16 if device.type == "cpu" else torch.float16
+    with torch.autocast(device.type, low_precision) if amp else nullcontext():
+        logits, tapped = recorder.forward(model, images)
+    _check_labels(given_labels, logits.shape[1])
+    tap_dtype = tapped["pooled"].dtype
+    tapped, logits = prepare_tapped(head, tapped, logits, compute_dtype)
+    if first:
+        check_normalisation(head, tapped["pre_activation"].flatten(2), tapped["pooled"].flatten(1), logits, tap_dtype)
+    return tapped, logits, labels
+
+
+def _measure_batch(
+    head: NormalisedHead,
+    const: Constants,
+    tapped: dict[str, Tensor],
+    logits: Tensor,
+    labels: Tensor,
+    chunk: int,
+    names: list[str],
+) -> Tensor:
+    """Per-sample measures ``names`` of one batch, (len(names), N) on the CPU, computed ``chunk`` samples at a time."""
+    trace_only = "relative_flatness" not in names
+    values: dict[str, list[Tensor]] = {name: [] for name in names}
+    for lo in range(0, labels.shape[0], chunk):
+        part = slice(lo, lo + chunk)
+        parts = {key: value[part] for key, value in tapped.items()}
+        for name, value in _measure(head, const, parts, logits[part], labels[part], trace_only).items():
+            values[name].append(value)
+    # One device-to-host copy per batch: a copy per chunk and measure would stall a GPU on each.
+    return torch.stack([torch.cat(values[name]) for name in names]).cpu()
+
+
 def scan(
     model: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -369,43 +247,21 @@ def scan(
     compute_dtype = torch.promote_types(param_dtype, torch.float32)
     was_training = model.training
     model.to(dev).eval()
-    const = _constants(model, head, dev, compute_dtype)
+    const = scan_constants(model, head, dev, compute_dtype)
     names = ["trace", "classifier_flatness", "loss", "correct", "correct_top5"]
     names += [] if trace_only else ["relative_flatness"]
     moments = {name: _Moments() for name in names}
     chunk = _chunk_size(const, dev, trace_only)
-    autocast = partial(torch.autocast, dev.type, torch.bfloat16 if dev.type == "cpu" else torch.float16)
     start, n_seen = time.perf_counter(), 0
     try:
-        with _recording(model, _taps(head)) as recorder, torch.no_grad():
+        with recording(model, head_taps(head)) as recorder, torch.no_grad():
             for images, labels in batches:
                 if max_samples is not None:
                     images, labels = images[: max_samples - n_seen], labels[: max_samples - n_seen]
-                images = images.to(dev, param_dtype if images.is_floating_point() else None)
-                # Checked where the loader made them (the CPU, as a rule): a check on the GPU would wait for it.
-                given_labels, labels = labels, labels.to(dev, non_blocking=True)
-                with autocast() if amp else nullcontext():
-                    logits, tapped = recorder.forward(model, images)
-                if given_labels.min() < 0 or given_labels.max() >= logits.shape[1]:
-                    bad = given_labels[(given_labels < 0) | (given_labels >= logits.shape[1])][0].item()
-                    raise ScanError(
-                        f"label {bad} is outside the model's {logits.shape[1]} classes; "
-                        "map the dataset's labels to the model's classes"
-                    )
-                tap_dtype = tapped["pooled"].dtype
-                tapped, logits = _prepare(head, tapped, logits, compute_dtype)
-                if n_seen == 0:
-                    _check_normalisation(
-                        head, tapped["pre_activation"].flatten(2), tapped["pooled"].flatten(1), logits, tap_dtype
-                    )
-                values: dict[str, list[Tensor]] = {name: [] for name in names}
-                for lo in range(0, labels.shape[0], chunk):
-                    part = slice(lo, lo + chunk)
-                    parts = {key: value[part] for key, value in tapped.items()}
-                    for name, value in _measure(head, const, parts, logits[part], labels[part], trace_only).items():
-                        values[name].append(value)
-                # One device-to-host copy per batch: a copy per chunk and measure would stall a GPU on each.
-                per_sample = torch.stack([torch.cat(values[name]) for name in names]).cpu()
+                tapped, logits, labels = _forward_batch(
+                    recorder, model, head, (images, labels), dev, (param_dtype, compute_dtype), amp, n_seen == 0
+                )
+                per_sample = _measure_batch(head, const, tapped, logits, labels, chunk, names)
                 for name, row in zip(names, per_sample, strict=True):
                     moments[name].add(row)
                 n_seen += labels.shape[0]

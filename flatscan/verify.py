@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -17,9 +19,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flatscan import flatness
+from flatscan._engine import (
+    check_normalisation,
+    head_taps,
+    model_logits,
+    prepare_tapped,
+    recording,
+    sample_terms,
+    scan_constants,
+)
 from flatscan.contract import NormalisedHead
 from flatscan.registry import describe
-from flatscan.scanner import _check_normalisation, _constants, _prepare, _recording, _taps, _terms, model_logits
 
 # One-hot filters pushed through the feature layer together (memory: chunk x one output channel).
 _RESPONSE_CHUNK = 512
@@ -122,51 +132,61 @@ def _basis_responses(layer: nn.Module, inputs: Tensor, column: int, coords: Tens
     return torch.func.functional_call(layer, params, (inputs,))
 
 
-def _autograd_block_traces(
-    model: nn.Module, feature_layer: str, images: Tensor, labels: Tensor, column: int, rows: list[int]
-) -> Tensor:
-    """Tr(H_{r,column}) for each r in ``rows``, shape (len(rows),), through the real model graph.
+@dataclass(frozen=True)
+class _OutputLayout:
+    """The feature layer's output z as the verifier moves through it: (N, C, L) channel-first, or the layer's own."""
 
-    The loss is taken as a function of the feature layer's output z (the layer's output is replaced by z,
-    so nothing before it is differentiated), and the kernel enters z linearly through the layer's own op J:
-    H = J^T M J with M = d2 loss / dz2, and filter c' moves only channel c' of z. So
+    output: Tensor
+    channel_axis: int
 
-        Tr(H_{r,c'}) = sum_d <J e_{r,d}, M J e_{c',d}>                                  (D products with M)
-                     = sum_{(n,p),(m,q)} M[(n,r,p), (m,c',q)] sum_d J^r_d[n,p] J^c'_d[m,q]     (N x L products)
+    @property
+    def n(self) -> int:
+        return self.output.shape[0]
 
-    whichever needs fewer Hessian-vector products of the model's tail. J^r_d = J e_{r,d} is the same for every
-    filter of an ungrouped layer; in a grouped conv it depends on the filter's group (its input channels).
-    """
-    layer = dict(model.named_modules())[feature_layer]
+    @property
+    def channels(self) -> int:
+        return self.output.shape[self.channel_axis]
+
+    @property
+    def spatial(self) -> torch.Size:
+        return self.output.movedim(self.channel_axis, 1).shape[2:]
+
+    @property
+    def positions(self) -> int:
+        return math.prod(self.spatial)
+
+    def channel_first(self, z: Tensor) -> Tensor:
+        """(N, C, L) view of a tensor in the layer's output layout."""
+        return z.movedim(self.channel_axis, 1).flatten(2)
+
+    def in_channel(self, values: Tensor, column: int) -> Tensor:
+        """(N, L) ``values`` placed in channel ``column``, zero elsewhere, in the layer's output layout."""
+        tangent = self.output.new_zeros(self.n, self.channels, self.positions)
+        tangent[:, column] = values
+        return tangent.view(self.n, self.channels, *self.spatial).movedim(1, self.channel_axis)
+
+
+def _feature_layer_io(model: nn.Module, layer: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """The feature layer's input and (a copy of) its output in a forward pass of ``images``."""
     captured: dict[str, Tensor] = {}
     handle = layer.register_forward_hook(lambda _m, args, out: captured.update(inputs=args[0], output=out.clone()))
     with torch.no_grad():
         model(images)
     handle.remove()
-    inputs, output = captured["inputs"], captured["output"]
-    channel_axis = 1 if isinstance(layer, nn.Conv2d) else output.dim() - 1
-    n, channels = output.shape[0], output.shape[channel_axis]
-    spatial = output.movedim(channel_axis, 1).shape[2:]
-    positions, dim = math.prod(spatial), layer.weight[0].numel()
+    return captured["inputs"], captured["output"]
 
-    def channel_first(z: Tensor) -> Tensor:  # (N, C, L) view of a tensor in the layer's output layout
-        return z.movedim(channel_axis, 1).flatten(2)
 
-    def in_channel(values: Tensor) -> Tensor:  # (N, L) values placed in channel `column`, in the output layout
-        tangent = output.new_zeros(n, channels, positions)
-        tangent[:, column] = values
-        return tangent.view(n, channels, *spatial).movedim(1, channel_axis)
+@contextmanager
+def _loss_hvp(
+    model: nn.Module, layer: nn.Module, images: Tensor, labels: Tensor, output: Tensor
+) -> Iterator[Callable[[Tensor], Tensor]]:
+    """``tangent -> M tangent``, M = d2 loss / dz2 at z = ``output``: Hessian-vector products of the model's tail.
 
-    # A grouped conv's filters see their own group's input channels: row r's J e_{r,d} is not column's.
-    per_group = channels // layer.groups if isinstance(layer, nn.Conv2d) else channels
-    representative = {row // per_group: row for row in rows}  # one filter of each row group
-    row_group = [row // per_group for row in rows]
-
-    def responses(coords: Tensor, filter_index: int) -> Tensor:  # J e_{filter,d} in its channel: (N, len(coords), L)
-        return channel_first(_basis_responses(layer, inputs, filter_index, coords))
-
+    The loss is a function of the layer's output z (the layer's output is replaced by z, so nothing before it
+    is differentiated).
+    """
     replacement: dict[str, Tensor] = {}
-    # Replace the layer's output only while the loss is traced (not in `responses`), and by a copy, so
+    # Replace the layer's output only while the loss is traced (not in the basis responses), and by a copy, so
     # in-place activations after the layer (ReLU(inplace=True)) do not write into z.
     handle = layer.register_forward_hook(lambda *_: replacement["z"].clone() if replacement else None)
 
@@ -177,34 +197,91 @@ def _autograd_block_traces(
     try:
         _, vjp = torch.func.vjp(torch.func.grad(loss), output)
         replacement.clear()
-
-        def hvp(tangent: Tensor) -> Tensor:  # (M tangent) in channel-first layout, rows only: (N, R, L)
-            return channel_first(vjp(tangent)[0])[:, rows]
-
-        traces = output.new_zeros(len(rows))
-        if dim <= n * positions:
-            for start in range(0, dim, _RESPONSE_CHUNK):
-                coords = torch.arange(start, min(start + _RESPONSE_CHUNK, dim))
-                chunk = responses(coords, column)
-                by_group = {group: responses(coords, row) for group, row in representative.items()}
-                row_chunk = torch.stack([by_group[group] for group in row_group], 1)  # (N, R, len(coords), L)
-                for d in range(chunk.shape[1]):
-                    traces += torch.einsum("nrp,nrp->r", hvp(in_channel(chunk[:, d])), row_chunk[:, :, d])
-        else:
-            grams = {group: output.new_zeros(n, positions, n, positions) for group in representative}
-            for start in range(0, dim, _RESPONSE_CHUNK):
-                coords = torch.arange(start, min(start + _RESPONSE_CHUNK, dim))
-                chunk = responses(coords, column)
-                for group, row in representative.items():
-                    grams[group] += torch.einsum("ndp,mdq->npmq", responses(coords, row), chunk)
-            for sample in range(n):
-                for position in range(positions):
-                    one_hot = output.new_zeros(n, positions)
-                    one_hot[sample, position] = 1.0
-                    row_gram = torch.stack([grams[group][:, :, sample, position] for group in row_group], 1)
-                    traces += torch.einsum("nrp,nrp->r", hvp(in_channel(one_hot)), row_gram)
+        yield lambda tangent: vjp(tangent)[0]
     finally:
         handle.remove()
+
+
+def _autograd_block_traces(
+    model: nn.Module, feature_layer: str, images: Tensor, labels: Tensor, column: int, rows: list[int]
+) -> Tensor:
+    """Tr(H_{r,column}) for each r in ``rows``, shape (len(rows),), through the real model graph.
+
+    The loss is taken as a function of the feature layer's output z (:func:`_loss_hvp`), and the kernel enters z
+    linearly through the layer's own op J: H = J^T M J with M = d2 loss / dz2, and filter c' moves only channel
+    c' of z. So
+
+        Tr(H_{r,c'}) = sum_d <J e_{r,d}, M J e_{c',d}>                                  (D products with M)
+                     = sum_{(n,p),(m,q)} M[(n,r,p), (m,c',q)] sum_d J^r_d[n,p] J^c'_d[m,q]     (N x L products)
+
+    whichever needs fewer Hessian-vector products of the model's tail. J^r_d = J e_{r,d} is the same for every
+    filter of an ungrouped layer; in a grouped conv it depends on the filter's group (its input channels).
+    """
+    layer = dict(model.named_modules())[feature_layer]
+    inputs, output = _feature_layer_io(model, layer, images)
+    layout = _OutputLayout(output, 1 if isinstance(layer, nn.Conv2d) else output.dim() - 1)
+    # A grouped conv's filters see their own group's input channels: row r's J e_{r,d} is not column's.
+    per_group = layout.channels // layer.groups if isinstance(layer, nn.Conv2d) else layout.channels
+    representative = {row // per_group: row for row in rows}  # one filter of each row group
+    row_group = [row // per_group for row in rows]
+
+    def responses(coords: Tensor, filter_index: int) -> Tensor:  # J e_{filter,d} in its channel: (N, len(coords), L)
+        return layout.channel_first(_basis_responses(layer, inputs, filter_index, coords))
+
+    with _loss_hvp(model, layer, images, labels, output) as tail_hvp:
+
+        def hvp(values: Tensor) -> Tensor:  # M times (N, L) values in channel `column`, channel-first, rows: (N, R, L)
+            return layout.channel_first(tail_hvp(layout.in_channel(values, column)))[:, rows]
+
+        basis = _Basis(responses, column, representative, row_group, layer.weight[0].numel())
+        if basis.dim <= layout.n * layout.positions:
+            return _traces_by_coordinate(basis, hvp, output.new_zeros(len(rows)))
+        return _traces_by_position(basis, hvp, layout, output.new_zeros(len(rows)))
+
+
+@dataclass(frozen=True)
+class _Basis:
+    """The responses J e_{f,d} of the feature layer to one-hot filters, for ``column`` and the rows' groups."""
+
+    responses: Callable[[Tensor, int], Tensor]  # (coords, filter) -> (N, len(coords), L)
+    column: int
+    representative: dict[int, int]  # row group -> one filter of it
+    row_group: list[int]  # the group of each row
+    dim: int  # D, the length of a filter
+
+    def chunks(self) -> Iterator[Tensor]:
+        """The filter coordinates d, in chunks of at most ``_RESPONSE_CHUNK``."""
+        for start in range(0, self.dim, _RESPONSE_CHUNK):
+            yield torch.arange(start, min(start + _RESPONSE_CHUNK, self.dim))
+
+
+def _traces_by_coordinate(basis: _Basis, hvp: Callable[[Tensor], Tensor], traces: Tensor) -> Tensor:
+    """sum_d <J e_{r,d}, M J e_{c',d}>: one Hessian-vector product per filter coordinate d."""
+    for coords in basis.chunks():
+        chunk = basis.responses(coords, basis.column)
+        by_group = {group: basis.responses(coords, row) for group, row in basis.representative.items()}
+        row_chunk = torch.stack([by_group[group] for group in basis.row_group], 1)  # (N, R, len(coords), L)
+        for d in range(chunk.shape[1]):
+            traces += torch.einsum("nrp,nrp->r", hvp(chunk[:, d]), row_chunk[:, :, d])
+    return traces
+
+
+def _traces_by_position(
+    basis: _Basis, hvp: Callable[[Tensor], Tensor], layout: _OutputLayout, traces: Tensor
+) -> Tensor:
+    """sum over (n,p),(m,q) of M entries times Gram sums over d: one Hessian-vector product per sample position."""
+    n, positions = layout.n, layout.positions
+    grams = {group: traces.new_zeros(n, positions, n, positions) for group in basis.representative}
+    for coords in basis.chunks():
+        chunk = basis.responses(coords, basis.column)
+        for group, row in basis.representative.items():
+            grams[group] += torch.einsum("ndp,mdq->npmq", basis.responses(coords, row), chunk)
+    for sample in range(n):
+        for position in range(positions):
+            one_hot = traces.new_zeros(n, positions)
+            one_hot[sample, position] = 1.0
+            row_gram = torch.stack([grams[group][:, :, sample, position] for group in basis.row_group], 1)
+            traces += torch.einsum("nrp,nrp->r", hvp(one_hot), row_gram)
     return traces
 
 
@@ -220,12 +297,12 @@ def verify(
         parameter.requires_grad_(False)
     head = describe(model)
     images, labels = batch[0].to("cpu", torch.float64), batch[1].to("cpu")
-    const = _constants(model, head, torch.device("cpu"), torch.float64)
-    with _recording(model, _taps(head)) as recorder, torch.no_grad():
+    const = scan_constants(model, head, torch.device("cpu"), torch.float64)
+    with recording(model, head_taps(head)) as recorder, torch.no_grad():
         logits, tapped = recorder.forward(model, images)
-    tapped, logits = _prepare(head, tapped, logits, torch.float64)
-    _check_normalisation(head, tapped["pre_activation"].flatten(2), tapped["pooled"].flatten(1), logits, torch.float64)
-    terms = _terms(head, const, tapped, logits, labels)
+    tapped, logits = prepare_tapped(head, tapped, logits, torch.float64)
+    check_normalisation(head, tapped["pre_activation"].flatten(2), tapped["pooled"].flatten(1), logits, torch.float64)
+    terms = sample_terms(head, const, tapped, logits, labels)
     grad_gram = flatness.gradient_gram(terms.slopes, terms.patches, const.channel_scale)
     closed = flatness.block_traces(grad_gram, terms.curv, terms.derivatives).mean(0)
 

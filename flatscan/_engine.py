@@ -1,0 +1,219 @@
+"""The machinery the scanner and the verifier share: taps on a forward pass and the closed form's ingredients.
+
+Private to flatscan (import it from flatscan.scanner and flatscan.verify only): the public entry points are
+:func:`flatscan.scan` and :func:`flatscan.verify`. Given a :class:`~flatscan.contract.NormalisedHead`, this
+module records the tensors it names during one forward pass (:func:`recording`), checks that they reproduce
+the model's pooled vector (:func:`check_normalisation`), and forms the per-sample terms of the closed form
+(:func:`sample_terms`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from timm.layers import Conv2dSame, pad_same
+from timm.layers.conv2d_same import Conv2dSameExport
+from torch import Tensor, nn
+
+from flatscan import flatness
+from flatscan.contract import NormalisedHead, Tap
+from flatscan.errors import UnsupportedModel
+
+
+class Recorder:
+    """Forward hooks that keep a copy of each tapped tensor of one forward pass."""
+
+    def __init__(self, model: nn.Module, taps: dict[str, Tap]) -> None:
+        modules = dict(model.named_modules())
+        self.taps = taps
+        self.values: dict[str, Tensor] = {}
+        self.recording = False  # only the model's own forward is recorded, not the head calls of the math
+        self.handles = []
+        for key, tap in taps.items():
+            module = modules.get(tap.module)
+            if module is None:
+                raise UnsupportedModel(f"the adapter taps {tap.module!r}, which the model does not have")
+            if tap.point == "input":
+                self.handles.append(module.register_forward_pre_hook(partial(self._keep_input, key)))
+            else:
+                self.handles.append(module.register_forward_hook(partial(self._keep_output, key)))
+
+    def _keep(self, key: str, tensor: Tensor) -> None:
+        if not self.recording:
+            return
+        if key in self.values:
+            raise UnsupportedModel(
+                f"{self.taps[key].module} runs more than once in a forward pass; flatscan needs one call"
+            )
+        if key == "pooled" and tensor.dim() == 4 and tensor.shape[2] * tensor.shape[3] != 1:
+            # Refused here, before the rest of the forward: a fixed-size pool (transformers' EfficientNet pools
+            # with AvgPool2d(hidden_dim)) is global only up to its window, and the model may fail after it.
+            positions = "x".join(str(n) for n in tensor.shape[2:])
+            raise UnsupportedModel(
+                f"the pool ({self.taps[key].module}) leaves {positions} positions per channel at this input size, "
+                "not one: it is not a global pool for images this large; scan smaller images (--img-size)"
+            )
+        # A copy: in-place activations (ReLU(inplace=True), x += shortcut) overwrite the original.
+        self.values[key] = tensor.detach().clone()
+
+    def _keep_input(self, key: str, module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        self._keep(key, args[0])
+
+    def _keep_output(self, key: str, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        self._keep(key, output)
+
+    def forward(self, model: nn.Module, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The model's logits and the tensors tapped during that forward pass."""
+        self.recording = True
+        try:
+            logits = model_logits(model(images))
+        finally:
+            self.recording = False
+        missing = [self.taps[key].module for key in self.taps if key not in self.values]
+        if missing:
+            raise UnsupportedModel(f"{', '.join(missing)} did not run in the forward pass")
+        values, self.values = self.values, {}
+        return logits, values
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def model_logits(output: Any) -> Tensor:
+    """The logits of a model's forward: the tensor itself, or the ``logits`` of a transformers ``ModelOutput``."""
+    return getattr(output, "logits", output)
+
+
+@contextmanager
+def recording(model: nn.Module, taps: dict[str, Tap]) -> Iterator[Recorder]:
+    """A :class:`Recorder` of ``taps`` on ``model``, its hooks removed on leaving (also on error)."""
+    recorder = Recorder(model, taps)
+    try:
+        yield recorder
+    finally:
+        recorder.remove()
+
+
+def feature_patches(layer: nn.Module, inputs: Tensor) -> Tensor:
+    """Patches (N, groups, D, L) seen by ``layer``: Conv2d, timm's Conv2dSame, or a channels-last Linear."""
+    if isinstance(layer, nn.Linear):
+        return flatness.linear_patches(inputs)
+    if not isinstance(layer, nn.Conv2d):
+        raise UnsupportedModel(f"the feature layer is {type(layer).__name__}; flatscan measures Conv2d and Linear")
+    kernel, stride, dilation = layer.kernel_size, layer.stride, layer.dilation
+    if isinstance(layer, (Conv2dSame, Conv2dSameExport)):
+        # TensorFlow 'SAME' padding depends on the input size; timm's own pad_same applies it.
+        inputs = pad_same(inputs, kernel, stride, dilation)
+        padding = (0, 0, 0, 0)
+    elif layer.padding == "same":
+        # As torch does it: the odd pixel of an asymmetric padding goes right / bottom.
+        th, tw = (d * (k - 1) for d, k in zip(dilation, kernel, strict=True))
+        padding = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    elif layer.padding == "valid":
+        padding = (0, 0, 0, 0)
+    else:
+        ph, pw = layer.padding
+        padding = (pw, pw, ph, ph)
+    return flatness.conv_patches(inputs, kernel, stride, dilation, padding, layer.groups, layer.padding_mode)
+
+
+@dataclass(frozen=True)
+class Constants:
+    """Per-scan tensors on the compute device and dtype."""
+
+    feature_layer: nn.Module
+    classifier_weight: Tensor
+    channel_scale: Tensor
+    kernel_gram: Tensor
+
+
+def check_normalisation(
+    head: NormalisedHead, pre_activation: Tensor, pooled: Tensor, logits: Tensor, tap_dtype: torch.dtype
+) -> None:
+    """Refuse a model whose pooled vector (or logits) the normalised head does not reproduce."""
+    # Loose enough for the rounding of a half-precision (--amp) forward, tight enough to catch a wrong head.
+    tolerance = min(1e3 * torch.finfo(tap_dtype).eps, 2e-2)
+    got = pooled[:, head.channels]
+    expected = head.activation(pre_activation).mean(-1)
+    if (expected - got).abs().max() > tolerance * (1 + got.abs().max()):
+        raise UnsupportedModel(
+            f"the pooled vector ({head.pooled.point} of {head.pooled.module}) is not the average of "
+            f"{head.activation.label}(pre-activation at {head.pre_activation.module}): something between "
+            f"the feature layer and the pool is not element-wise, or the {head.family} adapter is wrong"
+        )
+    if head.head_fn is not None:
+        recomputed = head.head_fn(pooled)
+        if (recomputed - logits).abs().max() > tolerance * (1 + logits.abs().max()):
+            raise UnsupportedModel(f"the {head.family} adapter's head function does not reproduce the logits")
+
+
+def prepare_tapped(
+    head: NormalisedHead, tapped: dict[str, Tensor], logits: Tensor, dtype: torch.dtype
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Tapped tensors and logits in the compute dtype; the pre-activation cut to the feature layer's channels."""
+    tapped = {key: value.to(dtype) for key, value in tapped.items()}
+    if head.pre_activation.channels_last:
+        tapped["pre_activation"] = tapped["pre_activation"].movedim(-1, 1)
+    tapped["pre_activation"] = tapped["pre_activation"][:, head.channels]
+    return tapped, logits.to(dtype)
+
+
+def scan_constants(model: nn.Module, head: NormalisedHead, device: torch.device, dtype: torch.dtype) -> Constants:
+    """The feature layer, the classifier's weight, the channel scale and the kernel Gram matrix K K^T in ``dtype``."""
+    modules = dict(model.named_modules())
+    feature_layer = modules[head.feature_layer]
+    kernel = feature_layer.weight.detach().to(dtype).flatten(1)
+    return Constants(
+        feature_layer=feature_layer,
+        # (classes, C): a 1x1-conv classifier's (classes, C, 1, 1) kernel is the same matrix
+        classifier_weight=modules[head.classifier].weight.detach().to(dtype).flatten(1),
+        channel_scale=head.channel_scale.to(device, dtype),
+        kernel_gram=kernel @ kernel.T,
+    )
+
+
+def head_taps(head: NormalisedHead) -> dict[str, Tap]:
+    """What a scan records: the feature layer's input, the pre-activation, the pooled vector, the classifier's input."""
+    return {
+        "features": Tap(head.feature_layer, "input"),
+        "pre_activation": head.pre_activation,
+        "pooled": head.pooled,
+        "classifier_input": Tap(head.classifier, "input"),
+    }
+
+
+@dataclass(frozen=True)
+class Terms:
+    """Per-sample ingredients of the closed form: patches P, sigma'(v), curv_c, and e, B of the head."""
+
+    patches: Tensor
+    slopes: Tensor
+    curv: Tensor
+    derivatives: flatness.HeadDerivatives
+
+
+def sample_terms(
+    head: NormalisedHead, const: Constants, tapped: dict[str, Tensor], logits: Tensor, labels: Tensor
+) -> Terms:
+    """The per-sample :class:`Terms` of the tapped tensors (prepared by :func:`prepare_tapped`)."""
+    scale = const.channel_scale
+    pre_activation = tapped["pre_activation"].flatten(2)
+    patches = feature_patches(const.feature_layer, tapped["features"])
+    if pre_activation.shape[-1] != patches.shape[-1]:
+        raise UnsupportedModel(
+            f"the pre-activation has {pre_activation.shape[-1]} positions but the feature layer "
+            f"{patches.shape[-1]}: something between them changes the spatial size"
+        )
+    slopes, curvatures = head.activation.derivatives(pre_activation)
+    if head.head_fn is None:
+        derivatives = flatness.linear_head_derivatives(logits, labels, const.classifier_weight)
+    else:
+        derivatives = flatness.head_derivatives(head.head_fn, tapped["pooled"].flatten(1), labels)
+    curv = flatness.curvature(curvatures, patches, scale)
+    return Terms(patches, slopes, curv, derivatives.select(head.channels))
