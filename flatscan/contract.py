@@ -239,7 +239,7 @@ def normalised_head(
     channels: slice | None = None,
     pre_activation: Tap | None = None,
 ) -> NormalisedHead:
-    """feature_layer -> BatchNorm ``norm`` (None: scale 1) -> [+ residual] -> ``activation`` -> GAP -> Linear.
+    """feature_layer -> BatchNorm or GroupNorm ``norm`` (None: 1) -> [+ residual] -> ``activation`` -> GAP -> Linear.
 
     ``pool`` is the global pool, ``classifier`` the Linear layer reading the pooled vector. ``channels``
     (DenseNet) are the pooled channels the feature layer feeds, when ``norm`` spans more channels. The
@@ -248,8 +248,16 @@ def normalised_head(
     require_average_pool(submodule(model, pool), pool)
     require_linear(submodule(model, classifier), classifier)
     conv = require_plain_conv(model, feature_layer)
+    coupling = None
     if norm is None:
         scale = conv.weight.new_ones(conv.out_channels).detach()
+    elif isinstance(submodule(model, norm), nn.GroupNorm):
+        # Per-sample group statistics: exact through the pooled moments. v is GroupNorm's output, read at the
+        # activation's input when the activation is the norm's own (GroupNormAct), else at the norm's output.
+        scale = conv.weight.new_ones(submodule(model, norm).num_channels).detach()
+        coupling = group_norm(model, norm)
+        if activation != f"{norm}.act":
+            coupling = replace(coupling, affine_output=Tap(norm, "output"))
     else:
         scale = batchnorm_scale(submodule(model, norm), norm)
     channels = slice(None) if channels is None else channels
@@ -266,6 +274,7 @@ def normalised_head(
         activation=activation_of(submodule(model, activation), activation),
         classifier=classifier,
         channels=channels,
+        coupling=coupling,
     )
 
 
