@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from timm.layers import Conv2dSame, ConvNormAct, EcaModule, EffectiveSEModule, NormMlpClassifierHead, SEModule
 from timm.layers import activations as timm_act
 from timm.layers.conv2d_same import Conv2dSameExport
@@ -467,6 +468,17 @@ def _gate_logits(module: nn.Module, mean: Tensor) -> Tensor:
     return module.fc2(module.relu(module.fc1(x))).flatten(1)
 
 
+def _hard_sigmoid(x: Tensor) -> Tensor:
+    return F.relu6(x + 3) / 6
+
+
+def _twice_differentiable(gate: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The gate's activation as a function torch can differentiate twice (F.hardsigmoid has no second derivative)."""
+    if type(gate) in (nn.Hardsigmoid, timm_act.HardSigmoid, timm_act_me.HardSigmoidMe):
+        return _hard_sigmoid  # the same function, piecewise linear: relu6(x + 3) / 6
+    return gate
+
+
 def squeeze_excitation(
     model: nn.Module, gate: str, inner_input: Tap, scale: Tensor | None = None, inner: Activation | None = None
 ) -> PooledCoupling:
@@ -477,7 +489,7 @@ def squeeze_excitation(
     """
     module = submodule(model, gate)
     _require_gate(module, gate)
-    activation = module.sigmoid if isinstance(module, LegacySEModule) else module.gate
+    activation = _twice_differentiable(module.sigmoid if isinstance(module, LegacySEModule) else module.gate)
 
     def affine(stats: Tensor) -> tuple[Tensor, Tensor]:
         alpha = activation(_gate_logits(module, stats[..., 0]))

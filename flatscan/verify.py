@@ -16,6 +16,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from timm.layers.activations import HardSigmoid
 from torch import Tensor, nn
 
 from flatscan._engine import (
@@ -292,6 +293,16 @@ def _traces_by_position(
     return traces
 
 
+def _twice_differentiable(model: nn.Module) -> nn.Module:
+    """``model`` with torch's Hardsigmoid (no second derivative in autograd) replaced by relu6(x + 3) / 6, the same
+    function written in ops autograd differentiates twice (eSE gates)."""
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Hardsigmoid:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, HardSigmoid())
+    return model
+
+
 def verify(
     model: nn.Module, batch: tuple[Tensor, Tensor], pairs: int = 16, seed: int = 0, tolerance: float = 1e-8
 ) -> VerifyResult:
@@ -299,7 +310,7 @@ def verify(
 
     The model is copied (the caller's is untouched). Raises :class:`UnsupportedModel` as ``scan`` does.
     """
-    model = copy.deepcopy(model).to("cpu", torch.float64).eval()
+    model = _twice_differentiable(copy.deepcopy(model).to("cpu", torch.float64).eval())
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     head = describe(model)

@@ -15,6 +15,7 @@ import timm
 import torch
 from helpers.adapters import CLASSES, assert_matches_autograd, images_and_labels, prepare
 from timm.layers import GroupNorm, GroupNormAct, SEModule, create_conv2d, get_act_layer
+from timm.layers.activations import HardSigmoid
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.resnetv2 import ResNetV2
 from timm.models.vovnet import VovNet
@@ -34,6 +35,8 @@ def tiny_resnetv2(**kwargs: object) -> ResNetV2:
 
 
 def tiny_vovnet(**cfg: object) -> VovNet:
+    """eSE VoVNet; the gate's Hardsigmoid is swapped for timm's HardSigmoid (relu6(x + 3) / 6, the same function),
+    which the autograd reference can differentiate twice."""
     base = {
         "stem_chs": [4, 4, 8],
         "stage_conv_chs": [4, 4, 4, 4],
@@ -44,7 +47,12 @@ def tiny_vovnet(**cfg: object) -> VovNet:
         "depthwise": False,
         "attn": "ese",
     }
-    return VovNet({**base, **cfg}, num_classes=CLASSES)
+    model = VovNet({**base, **cfg}, num_classes=CLASSES)
+    for stage in model.stages:
+        for block in stage.blocks:
+            if block.attn is not None:
+                block.attn.gate = HardSigmoid()
+    return model
 
 
 def randomise_group_norms(model: nn.Module, seed: int = 5) -> nn.Module:
