@@ -393,7 +393,8 @@ def _stat_hessian(
 ) -> Tensor:
     """Hess_u [<linear, Theta(u)> + 1/2 sum_c dTheta_c^T quadratic_c dTheta_c] at ``stats``, per sample: (N, C*k, C*k).
 
-    ``linear`` is (N, C, 2), ``quadratic`` (N, C, 2, 2); Theta(u) = stack(alpha, beta). Reverse over reverse, exact.
+    ``linear`` is (N, C, 2), ``quadratic`` (N, C, 2, 2); Theta(u) = stack(alpha, beta). Forward over reverse, exact:
+    vmapped reverse-mode through a gate's convolutions would expand their weight gradient per basis vector.
     """
 
     def objective(u: Tensor, lin: Tensor, quad: Tensor, u0: Tensor) -> Tensor:
@@ -402,7 +403,7 @@ def _stat_hessian(
         delta = theta - theta0
         return (lin * theta).sum() + 0.5 * torch.einsum("cj,cjk,ck->", delta, quad, delta)
 
-    hessian = torch.func.vmap(torch.func.jacrev(torch.func.grad(objective)))(stats, linear, quadratic, stats)
+    hessian = torch.func.vmap(torch.func.jacfwd(torch.func.grad(objective)))(stats, linear, quadratic, stats)
     n, c, k = stats.shape
     return hessian.reshape(n, c * k, c * k)
 
@@ -452,7 +453,7 @@ def coupled_terms(
         return torch.stack(affine(u.unsqueeze(0)), -1)[0]
 
     with torch.enable_grad():
-        jac = torch.func.vmap(torch.func.jacrev(theta))(stats)  # (N, C, 2, C, k)
+        jac = torch.func.vmap(torch.func.jacfwd(theta))(stats)  # (N, C, 2, C, k)
         stat_hessian = _stat_hessian(
             affine,
             stats,
