@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import os
 import pickle
 import re
@@ -33,32 +32,15 @@ from safetensors import SafetensorError
 from timm.models import PretrainedCfg, get_pretrained_cfg, load_state_dict, split_model_name_tag
 from torch import nn
 
-from flatscan.errors import FlatscanError
 from flatscan.inference import inference_form
-from flatscan.registry import list_adapters
+from flatscan.io.errors import ModelLoadError, OfflineCacheMiss
+from flatscan.io.hf_transformers import PREPROCESSOR, build_transformers, transformers_architecture
+from flatscan.io.messages import few, first_line
 
 # The weight files of a timm-format repo or directory, in the order timm prefers them.
-_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(@[\w./-]+)?")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-# A transformers repo's image processor settings: its preprocessing.
-_PREPROCESSOR = "preprocessor_config.json"
-_NO_PROCESSOR = (
-    f"fix or remove its {_PREPROCESSOR} (without one, timm's default preprocessing applies, which --img-size, "
-    "--crop-pct, --interpolation, --mean and --std override)"
-)
-# transformers' ``resample`` (PIL filter numbers) as timm interpolation names.
-_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-
-
-class ModelLoadError(FlatscanError):
-    """The model cannot be resolved or loaded; the message names the problem and the fix."""
-
-    exit_code = 2
-
-
-class OfflineCacheMiss(ModelLoadError):
-    """Offline, and the files the model needs are not in the local cache."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +72,7 @@ def load_model(
     unpickled beyond tensors. The model comes in its inference form (:func:`flatscan.inference.inference_form`):
     multi-branch blocks fused, weight-standardised convolutions holding the kernel they apply.
     """
-    loaded = _resolve(name, checkpoint, arch, _is_offline(offline), pretrained, num_classes)
+    loaded = _resolve(name, checkpoint, arch, is_offline(offline), pretrained, num_classes)
     return dataclasses.replace(loaded, model=inference_form(loaded.model))
 
 
@@ -137,7 +119,7 @@ def _names_a_path(name: str, path: Path) -> bool:
     return path.exists() and not timm.is_model(split_model_name_tag(name)[0])
 
 
-def _is_offline(offline: bool | None) -> bool:
+def is_offline(offline: bool | None) -> bool:
     # huggingface_hub reads HF_HUB_OFFLINE once, at import, and then refuses every request: offline=False cannot
     # undo that; the variable set later (offline=None) is honoured here.
     if hub_constants.HF_HUB_OFFLINE:
@@ -157,7 +139,7 @@ def _from_timm(name: str, offline: bool, pretrained: bool, num_classes: int | No
     weights, revision = None, None
     if cfg.hf_hub_id:
         repo_id, _, hub_revision = cfg.hf_hub_id.partition("@")
-        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else _WEIGHTS
+        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else WEIGHT_FILES
         weights = _fetch(repo_id, files, hub_revision or None, offline)
         revision = _snapshot_commit(weights)
     else:
@@ -178,7 +160,7 @@ def _from_timm(name: str, offline: bool, pretrained: bool, num_classes: int | No
     except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         where = weights or cfg.url
         raise ModelLoadError(
-            f"cannot load the weights of {name} from {where} ({_first_line(error)}): the cached file may be corrupt, "
+            f"cannot load the weights of {name} from {where} ({first_line(error)}): the cached file may be corrupt, "
             "delete it and load again online"
         ) from None
     tag = model.pretrained_cfg.get("tag")
@@ -188,9 +170,9 @@ def _from_timm(name: str, offline: bool, pretrained: bool, num_classes: int | No
 def _from_hub(hub_id: str, offline: bool, pretrained: bool, num_classes: int | None) -> LoadedModel:
     repo_id, _, revision = hub_id.partition("@")
     config = _fetch(repo_id, ("config.json",), revision or None, offline)
-    if _transformers_architecture(_read_config(Path(config))) is not None:
-        _fetch_if_present(repo_id, _PREPROCESSOR, revision or None, offline)
-    weights = _fetch(repo_id, _WEIGHTS, revision or None, offline) if pretrained else None
+    if transformers_architecture(_read_config(Path(config))) is not None:
+        _fetch_if_present(repo_id, PREPROCESSOR, revision or None, offline)
+    weights = _fetch(repo_id, WEIGHT_FILES, revision or None, offline) if pretrained else None
     # The snapshot directory of the cache is a timm-format directory like any other.
     model, arch = _build_from_config(Path(config).parent, f"hf-hub:{repo_id}", weights, num_classes)
     commit = _snapshot_commit(weights or config)
@@ -211,10 +193,10 @@ def _from_directory(path: Path, pretrained: bool, num_classes: int | None) -> Lo
         )
     weights = None
     if pretrained:
-        weights = next((str(directory / f) for f in _WEIGHTS if (directory / f).is_file()), None)
+        weights = next((str(directory / f) for f in WEIGHT_FILES if (directory / f).is_file()), None)
         if weights is None:
             raise ModelLoadError(
-                f"{directory} has no {' or '.join(_WEIGHTS)}: save the weights there, or use --random-init"
+                f"{directory} has no {' or '.join(WEIGHT_FILES)}: save the weights there, or use --random-init"
             )
     model, arch = _build_from_config(directory, str(directory), weights, num_classes)
     return LoadedModel(model, str(directory), arch, "local" if pretrained else "random", None)
@@ -245,7 +227,7 @@ def _timm_cfg(name: str) -> tuple[str, PretrainedCfg | None]:
 
 def _pick_weights(arch: str) -> str:
     names = timm.list_pretrained(f"{arch}.*")
-    return f"pick one of {_few(names, 6)}, or use --random-init" if names else "use --random-init"
+    return f"pick one of {few(names, 6)}, or use --random-init" if names else "use --random-init"
 
 
 def _fetch(repo_id: str, filenames: tuple[str, ...], revision: str | None, offline: bool) -> str:
@@ -262,7 +244,7 @@ def _fetch(repo_id: str, filenames: tuple[str, ...], revision: str | None, offli
                 continue  # not cached under this name, maybe under the next
             raise ModelLoadError(
                 f"cannot download {filename} of hf-hub:{repo_id}{at} from {hub_constants.ENDPOINT} "
-                f"({_first_line(error.__cause__ or error)}) and it is not in the Hugging Face cache: check the "
+                f"({first_line(error.__cause__ or error)}) and it is not in the Hugging Face cache: check the "
                 "network, proxy or HF_ENDPOINT, or pass --offline to use a model already in the cache"
             ) from None
         except GatedRepoError:
@@ -278,7 +260,7 @@ def _fetch(repo_id: str, filenames: tuple[str, ...], revision: str | None, offli
                 f"hf-hub:{repo_id} has no revision {revision!r}: check the branch, tag or commit"
             ) from None
         except HfHubHTTPError as error:
-            raise ModelLoadError(f"the Hub refused {filename} of hf-hub:{repo_id}{at}: {_first_line(error)}") from None
+            raise ModelLoadError(f"the Hub refused {filename} of hf-hub:{repo_id}{at}: {first_line(error)}") from None
         except HFValidationError:
             raise ModelLoadError(f"{repo_id!r} is not a valid Hub repo id: write it as owner/name") from None
     wanted = filenames[0] + "".join(f" (or {f})" for f in filenames[1:])
@@ -335,9 +317,9 @@ def _build_from_config(
     config = _read_config(directory / "config.json")
     arch = config.get("architecture") if isinstance(config, dict) else None
     if not isinstance(arch, str):
-        transformers_arch = _transformers_architecture(config)
+        transformers_arch = transformers_architecture(config)
         if transformers_arch is not None:
-            return _build_transformers(directory, where, transformers_arch, weights, num_classes)
+            return build_transformers(directory, where, transformers_arch, weights, num_classes)
         raise ModelLoadError(
             f"{where} is not a timm model: its config.json names no 'architecture' (timm) nor 'architectures' "
             "(transformers); flatscan loads timm-format models, as written by timm.models.save_for_hf, and "
@@ -355,148 +337,7 @@ def _read_config(config_file: Path) -> Any:
     try:
         return json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelLoadError(f"cannot read {config_file} ({_first_line(error)}): re-export or re-download it") from None
-
-
-def _transformers_architecture(config: Any) -> str | None:
-    """The model class a transformers config.json names in ``architectures``, else None."""
-    names = config.get("architectures") if isinstance(config, dict) else None
-    return names[0] if isinstance(names, list) and names and isinstance(names[0], str) else None
-
-
-def _build_transformers(
-    directory: Path, where: str, arch: str, weights: str | None, num_classes: int | None
-) -> tuple[nn.Module, str]:
-    """The transformers classifier ``arch`` in ``directory``, weights from safetensors (or torch.load with
-    weights_only=True) loaded strictly, preprocessing from its preprocessor_config.json as ``model.pretrained_cfg``."""
-    try:
-        import transformers
-    except ImportError:
-        raise ModelLoadError(
-            f"{where} is not a timm model but a transformers {arch}: install flatscan's transformers extra, "
-            "pip install 'flatscan[transformers]'"
-        ) from None
-    supported = sorted(
-        {cls.__name__ for a in list_adapters() for cls in a.model_types if cls.__module__.startswith("transformers.")}
-    )
-    if arch not in supported:
-        raise ModelLoadError(
-            f"{where} is not a timm model but a transformers {arch}, which flatscan has no adapter for "
-            f"(it reads the transformers {', '.join(supported)})"
-        )
-    local = {"trust_remote_code": False, "local_files_only": True}
-    try:
-        with _quiet(transformers):
-            config = transformers.AutoConfig.from_pretrained(
-                directory, **local, **({} if num_classes is None else {"num_labels": num_classes})
-            )
-            if weights is None:
-                model = transformers.AutoModelForImageClassification.from_config(config, trust_remote_code=False)
-            else:
-                # Mismatched shapes are collected (not raised) so that the error below names them on one line.
-                model, info = transformers.AutoModelForImageClassification.from_pretrained(
-                    directory, config=config, output_loading_info=True, ignore_mismatched_sizes=True, **local
-                )
-            has_processor = (directory / _PREPROCESSOR).is_file()
-            processor = transformers.AutoImageProcessor.from_pretrained(directory, **local) if has_processor else None
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
-        raise ModelLoadError(
-            f"cannot load {where} ({arch}) with transformers ({_first_line(error)}): re-export or re-download it"
-        ) from None
-    if weights is not None:
-        wrong = [f"{key} {tuple(saved)} vs {tuple(built)}" for key, saved, built in sorted(info["mismatched_keys"])]
-        problems = [
-            f"{kind} {_few(sorted(info[f'{kind}_keys']))}" for kind in ("missing", "unexpected") if info[f"{kind}_keys"]
-        ]
-        problems += [f"shapes differ: {_few(wrong)}"] if wrong else []
-        if problems:
-            raise ModelLoadError(
-                f"the weights in {directory} do not fit {arch}: {'; '.join(problems)}; check that they were saved "
-                "from it"
-            )
-    # timm's place for a model's preprocessing, which flatscan.data resolves (timm.data.resolve_model_data_config).
-    model.pretrained_cfg = {"architecture": arch, "num_classes": model.config.num_labels}
-    if processor is not None:
-        model.pretrained_cfg |= _processor_data_config(processor, where)
-    return model.eval(), arch
-
-
-@contextmanager
-def _quiet(transformers: Any) -> Iterator[None]:
-    """transformers without its progress bars and load reports (flatscan reports a mismatch itself)."""
-    logging = transformers.utils.logging
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-
-
-def _processor_data_config(processor: Any, where: str) -> dict[str, Any]:
-    """timm data-config entries that resize, crop and normalise as the transformers image ``processor`` does."""
-    size = processor.size  # a dict (transformers 5: a SizeDict, which reads the same)
-    edge, resized = size.get("shortest_edge"), (size.get("height"), size.get("width"))
-    crop = processor.crop_size if getattr(processor, "do_center_crop", False) else None
-    if (
-        not processor.do_resize
-        or getattr(processor, "rescale_offset", False)
-        or (processor.do_rescale and not math.isclose(processor.rescale_factor, 1 / 255))
-    ):
-        raise ModelLoadError(
-            f"the image processor of {where} ({type(processor).__name__}) does not resize, or rescales pixels other "
-            f"than to [0, 1]: flatscan cannot reproduce it; {_NO_PROCESSOR}"
-        )
-    if edge and getattr(processor, "crop_pct", None):
-        # ConvNeXt's processor (ResNet, RegNet, ConvNeXt): below 384 px it resizes the shortest edge to
-        # int(edge / crop_pct) and crops edge x edge, as timm does; from 384 px on it resizes to edge x edge.
-        height, width = edge, edge
-        crop_pct, crop_mode = (processor.crop_pct, "center") if edge < 384 else (1.0, "squash")
-    elif edge and crop is not None:  # resize the shortest edge, crop (MobileNetV2)
-        height, width = crop["height"], crop["width"]
-        crop_pct, crop_mode = _crop_pct(height, edge), "center"
-    elif all(resized):  # resize to height x width, aspect ratio not kept (EfficientNet), crop
-        height, width = (crop["height"], crop["width"]) if crop is not None else resized
-        crop_pct, crop_mode = _crop_pct(height, resized[0]), "squash"
-    else:
-        raise ModelLoadError(
-            f"the image processor of {where} ({type(processor).__name__}) resizes to {_size_text(size)}: flatscan "
-            f"cannot reproduce it; {_NO_PROCESSOR}"
-        )
-    mean, std = (0.0,) * 3, (1.0,) * 3
-    if processor.do_normalize:
-        mean, std = (_channels(processor.image_mean), _channels(processor.image_std))
-    if getattr(processor, "include_top", False):  # EfficientNet's processor divides by the std a second time
-        std = tuple(s * s for s in std)
-    return {
-        "input_size": (3, height, width),
-        "crop_pct": crop_pct,
-        "crop_mode": crop_mode,
-        "interpolation": _RESAMPLE.get(getattr(processor, "resample", None), "bilinear"),
-        "mean": mean,
-        "std": std,
-    }
-
-
-def _size_text(size: Any) -> str:
-    keys = ("height", "width", "shortest_edge", "longest_edge")
-    return ", ".join(f"{key}={size.get(key)}" for key in keys if size.get(key)) or "nothing"
-
-
-def _crop_pct(crop: int, resized: int) -> float:
-    """The crop_pct for which timm resizes to ``resized`` = floor(crop / crop_pct) before cropping ``crop``."""
-    crop_pct = crop / resized
-    while math.floor(crop / crop_pct) < resized:  # crop / (crop / resized) can round to just below ``resized``
-        crop_pct = math.nextafter(crop_pct, 0.0)
-    return crop_pct
-
-
-def _channels(values: Any) -> tuple[float, float, float]:
-    values = [float(v) for v in values] if isinstance(values, (list, tuple)) else [float(values)]
-    return tuple(values * 3 if len(values) == 1 else values)  # type: ignore[return-value]
+        raise ModelLoadError(f"cannot read {config_file} ({first_line(error)}): re-export or re-download it") from None
 
 
 def _load_weights(model: nn.Module, path: Path, target: str, *, resize_head: bool) -> None:
@@ -513,8 +354,8 @@ def _load_weights(model: nn.Module, path: Path, target: str, *, resize_head: boo
         for key, value in expected.items()
         if key in state and _shape(state[key]) != tuple(value.shape)
     ]
-    problems = [f"{kind} {_few(keys)}" for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-    problems += [f"shapes differ: {_few(wrong)}"] if wrong else []
+    problems = [f"{kind} {few(keys, 3)}" for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    problems += [f"shapes differ: {few(wrong, 3)}"] if wrong else []
     if problems:
         raise ModelLoadError(
             f"the weights in {path} do not fit {target}: {'; '.join(problems)}; check that they were saved from it"
@@ -534,10 +375,10 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
         unsafe = _unsafe_globals(path)
         if unsafe:
             raise ModelLoadError(
-                f"refusing to unpickle {path}: besides tensors it holds {_few(unsafe)}, and flatscan only loads "
+                f"refusing to unpickle {path}: besides tensors it holds {few(unsafe, 3)}, and flatscan only loads "
                 "weights (torch.load weights_only=True); save model.state_dict() or safetensors instead"
             ) from None
-        reason = "it holds no state dict" if isinstance(error, AttributeError) else _first_line(error)
+        reason = "it holds no state dict" if isinstance(error, AttributeError) else first_line(error)
         raise ModelLoadError(
             f"cannot read {path} as weights ({reason}): it is corrupt or not a safetensors / torch state-dict file; "
             "re-export or re-download it"
@@ -564,12 +405,3 @@ def _fit_classifier(model: nn.Module, state: dict[str, Any]) -> None:
 
 def _shape(value: object) -> tuple[int, ...] | str:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def _few(items: list[str], n: int = 3) -> str:
-    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -48,12 +48,8 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 import flatscan
-from flatscan.data import DIGITS, DataOptions, open_eval_data
 from flatscan.errors import FlatscanError
-from flatscan.leaderboard import Leaderboard, build_leaderboard
-from flatscan.org import AuditRow, audit_org
-from flatscan.reported import ReportedAccuracy
-from flatscan.store import ResultsStore
+from flatscan.io.data import DIGITS, DataOptions, open_eval_data
 
 MANIFEST = "manifest.json"
 MANIFEST_CSV = "manifest.csv"
@@ -63,7 +59,6 @@ ACTIVATIONS = ("relu", "silu")
 _DATA_CONFIG = {"crop_pct": 1.0, "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 # Entries of the base architecture's pretrained config that describe its ImageNet weights, not a zoo model.
 _NOT_OURS = ("tag", "test_input_size", "test_crop_pct", "pool_size", "license", "paper_ids", "origin_url", "notes")
-_TIMM_ONLY = ("reported_top5", "reported_img_size", "top1_real", "top1_v2")
 # The training recipe's version, part of every model name: bumped when training changes, so cached zoos retrain.
 _RECIPE = 1
 
@@ -561,44 +556,3 @@ def default_zoo_dir(spec: ZooSpec) -> Path:
     root = Path(os.environ.get("FLATSCAN_CACHE") or Path.home() / ".cache" / "flatscan")
     digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
     return root / "zoo" / f"{spec.dataset.replace('/', '_')}-{digest}"
-
-
-@dataclass(frozen=True)
-class DemoResult:
-    """What ``flatscan demo`` shows: the zoo, the audit's rows and the leaderboard."""
-
-    zoo: Path
-    models: list[ZooModel]
-    audit: list[AuditRow]
-    board: Leaderboard
-
-
-def run_demo(
-    spec: ZooSpec = DEMO,
-    zoo: str | Path | None = None,
-    store: str | Path | None = None,
-    *,
-    on_model: Callable[[ZooModel, int, int, bool], None] | None = None,
-    on_step: Callable[[str, int, int], None] | None = None,
-    on_audit: Callable[[AuditRow, int, int], None] | None = None,
-) -> DemoResult:
-    """Train (or reuse) the zoo of ``spec``, audit it as ``flatscan org <zoo>`` does on the test split, and rank it
-    against the test accuracy the zoo recorded (its ``manifest.csv``, read as a ``--reported`` file)."""
-    root = (Path(zoo).expanduser() if zoo is not None else default_zoo_dir(spec)).resolve()
-    models = train_zoo(spec, root, on_model=on_model, on_step=on_step)
-    options = DataOptions(dataset=spec.dataset, split=spec.test_split, batch_size=128, workers=0, seed=spec.data_seed)
-    # The zoo's thread count for its tiny models too: more threads gain little, and lose much on busy cores.
-    with ResultsStore(Path(store) if store is not None else root / STORE) as results, torch_threads(spec.threads):
-        rows = audit_org(str(root), results, options, device="cpu", on_model=on_audit)
-        frame = results.frame()
-    ours = {str(root / model.name) for model in models}
-    frame = frame[frame["model"].isin(ours) & (frame["split"] == spec.test_split)].copy()
-    # The zoo's families are finer than the adapters' (MobileNet-V1 is an EfficientNet-class model): rank within them.
-    families = {str(root / model.name): model.config.family for model in models}
-    frame["family"] = frame["model"].map(families)
-    board = build_leaderboard(frame, ReportedAccuracy(user_csv=root / MANIFEST_CSV, offline=True))
-    # For display: folder names instead of absolute paths, without the columns that only timm's results fill.
-    table = board.table.assign(model=board.table["model"].map(lambda path: Path(path).name))
-    table = table.drop(columns=[c for c in _TIMM_ONLY if c in table and table[c].isna().all()])
-    skipped = board.skipped.assign(model=board.skipped["model"].map(lambda path: Path(path).name))
-    return DemoResult(root, models, rows, dataclasses.replace(board, table=table, skipped=skipped))

@@ -58,6 +58,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from flatscan.errors import FlatscanError
+from flatscan.io.messages import few, first_line
 
 DIGITS = "digits"
 IMAGENET_DEFAULT = "timm/mini-imagenet"
@@ -262,17 +263,17 @@ def _load(label: str, options: DataOptions, step: Any) -> Any:
         return step()
     except ConnectionError as error:
         raise DataError(
-            f"cannot reach the Hugging Face Hub for {label} ({_first_line(error)}) and it is not in the local cache: "
+            f"cannot reach the Hugging Face Hub for {label} ({first_line(error)}) and it is not in the local cache: "
             f"check the network, or download it (hf download {label} --repo-type dataset --local-dir DIR) and pass DIR"
         ) from None
     except FileNotFoundError as error:
         raise DataError(
-            f"cannot find dataset {label} ({_first_line(error)}): check the path or Hub id; for a gated or private "
+            f"cannot find dataset {label} ({first_line(error)}): check the path or Hub id; for a gated or private "
             "Hub dataset accept its terms on the Hub and log in with `hf auth login`"
         ) from None
     except (OSError, ValueError, DatasetsError) as error:
         hint = "check --config" if options.config else "check the id, or pick a config with --config"
-        raise DataError(f"cannot load dataset {label} ({_first_line(error)}): {hint}") from None
+        raise DataError(f"cannot load dataset {label} ({first_line(error)}): {hint}") from None
 
 
 def _pick_split(wanted: str | None, available: list[str], label: str) -> str:
@@ -304,7 +305,7 @@ def _parquet_rows(file: Path) -> int:
     try:
         return pq.read_metadata(file).num_rows
     except (OSError, ValueError) as error:
-        raise DataError(f"cannot read {file} ({_first_line(error)}): it is not a valid parquet file") from None
+        raise DataError(f"cannot read {file} ({first_line(error)}): it is not a valid parquet file") from None
 
 
 def _columns(dataset: datasets.IterableDataset, name: str) -> tuple[list[str], datasets.Features | None]:
@@ -411,7 +412,9 @@ def _label_map(
         resolved = [table.get(label, table.get(str(i))) for i, label in enumerate(names)]
         missing = [label for label, index in zip(names, resolved, strict=True) if index is None]
         if missing:
-            raise DataError(f"labels {_few(missing)} of {name} are not in the class map {class_map}: add them")
+            raise DataError(
+                f"labels {few(list(map(repr, missing)), 5)} of {name} are not in the class map {class_map}: add them"
+            )
         return _LabelMap(kind, num_classes, dict(enumerate(resolved)), None, name)
     imagenet = _imagenet_classes(model)
     # Names "0", "1", ... are what datasets calls classes that have no names: they fit by index.
@@ -425,13 +428,14 @@ def _label_map(
         missing = [label for label, index in zip(names, resolved, strict=True) if index is None]
         if missing:
             raise DataError(
-                f"labels {_few(missing)} of {name} are not among the model's ImageNet classes: "
+                f"labels {few(list(map(repr, missing)), 5)} of {name} are not among the model's ImageNet classes: "
                 "map them with --class-map FILE"
             )
         return _LabelMap("synset", num_classes, dict(enumerate(resolved)), None, name)
     if names is not None and len(names) > num_classes:
         raise DataError(
-            f"labels {_few(names[num_classes:])} of {name} are outside the model's {num_classes} classes: "
+            f"labels {few(list(map(repr, names[num_classes:])), 5)} of {name} are outside the model's {num_classes} "
+            "classes: "
             "map them with --class-map FILE"
         )
     if text_labels and imagenet is None:
@@ -462,7 +466,7 @@ def _read_class_map(path: Path, num_classes: int) -> dict[str, int]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"cannot read the class map {path} ({_first_line(error)}): check the path") from None
+        raise DataError(f"cannot read the class map {path} ({first_line(error)}): check the path") from None
     entries: list[tuple[str, object, str]] = []
     if path.suffix.lower() == ".json":
         try:
@@ -563,7 +567,7 @@ def _examples(dataset: datasets.IterableDataset, name: str) -> Iterator[dict[str
         except StopIteration:
             return
         except (OSError, ValueError, DatasetsError) as error:
-            raise DataError(f"reading {name} failed ({_first_line(error)}): check its files or the network") from None
+            raise DataError(f"reading {name} failed ({first_line(error)}): check its files or the network") from None
         yield example
 
 
@@ -584,13 +588,4 @@ def _rgb_image(value: object, column: str, name: str) -> PIL.Image.Image:
             image = image.convert("RGBA")  # PIL converts a palette's transparency only by way of RGBA
         return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read image {where} ({_first_line(error)}): remove or re-encode the file") from None
-
-
-def _few(items: list[str], n: int = 5) -> str:
-    return ", ".join(map(repr, items[:n])) + (f" (+{len(items) - n} more)" if len(items) > n else "")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        raise DataError(f"cannot read image {where} ({first_line(error)}): remove or re-encode the file") from None

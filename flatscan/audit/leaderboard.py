@@ -21,8 +21,8 @@ from rich.table import Table
 from rich.text import Text
 from scipy import stats
 
+from flatscan.audit.reported import ReportedAccuracy
 from flatscan.errors import FlatscanError
-from flatscan.reported import ReportedAccuracy
 
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0

@@ -39,12 +39,12 @@ from scipy import stats
 from torch import Tensor, nn
 
 import flatscan
-from flatscan import baselines
-from flatscan.data import DataOptions, open_eval_data
 from flatscan.errors import FlatscanError
-from flatscan.models import load_model
+from flatscan.io.data import DataOptions, open_eval_data
+from flatscan.io.models import load_model
+from flatscan.research import baselines
+from flatscan.research.zoo import MANIFEST, TrainConfig, ZooModel, ZooSpec, read_manifest, torch_threads, training_set
 from flatscan.scanner import resolve_device
-from flatscan.zoo import MANIFEST, TrainConfig, ZooModel, ZooSpec, read_manifest, torch_threads, training_set
 
 CACHE = "study-measures.jsonl"
 # Targets: larger means worse generalisation for the two gaps, better for the test accuracy.

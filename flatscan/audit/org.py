@@ -22,7 +22,7 @@ a folder's model is its absolute path, and its revision a hash of its config and
 commit in its keys.
 
 The per-model work is :func:`audit_model`, which writes nothing: :func:`audit_org` commits its rows one by one, and
-the driver of :func:`flatscan.ray_audit.audit_org_ray` commits the rows that its Ray tasks return.
+the driver of :func:`flatscan.audit.ray_audit.audit_org_ray` commits the rows that its Ray tasks return.
 """
 
 from __future__ import annotations
@@ -38,18 +38,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from huggingface_hub import HfApi, scan_cache_dir
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import CacheNotFound
 
 import flatscan
-from flatscan.data import DataOptions, open_eval_data
+from flatscan.audit.options import AuditOptions
+from flatscan.audit.run import measure, prepare
+from flatscan.audit.store import ResultsStore, RunKey, preprocessing_key
 from flatscan.errors import FlatscanError, ScanInterrupted, UnsupportedModel
-from flatscan.models import _WEIGHTS, _first_line, _is_offline, load_model
-from flatscan.runs import result_record, scan_with_retry
+from flatscan.io.data import DataOptions
+from flatscan.io.messages import first_line
+from flatscan.io.models import WEIGHT_FILES, is_offline, load_model
 from flatscan.scanner import ScanResult
-from flatscan.store import ResultsStore, RunKey, preprocessing_key
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def list_org_models(
     if directory is not None:
         listed = _local_models(directory)
     else:
-        listed = _cached_models(org) if offline or _is_offline(None) else _hub_models(org, include_transformers)
+        listed = _cached_models(org) if offline or is_offline(None) else _hub_models(org, include_transformers)
     picked: list[OrgModel] = []
     for model in listed:
         # A local model's repo_id is its absolute path: matched as directory-name/folder-name.
@@ -129,7 +130,7 @@ def _hub_models(org: str, include_transformers: bool) -> Iterator[OrgModel]:
     except Exception as error:
         # No common base class: HfHubHTTPError is an OSError, connection errors are the HTTP client's own.
         raise FlatscanError(
-            f"cannot list the models of {org} on {api.endpoint} ({type(error).__name__}: {_first_line(error)}): "
+            f"cannot list the models of {org} on {api.endpoint} ({type(error).__name__}: {first_line(error)}): "
             "check the network, proxy or HF_ENDPOINT, or pass --offline to audit the org's models in the local cache"
         ) from error
 
@@ -185,7 +186,7 @@ def _local_models(directory: Path) -> Iterator[OrgModel]:
         config = folder / "config.json"
         if config.is_file():
             digest = hashlib.sha256()
-            for file in [config, *(folder / name for name in _WEIGHTS)]:
+            for file in [config, *(folder / name for name in WEIGHT_FILES)]:
                 if file.is_file():
                     with file.open("rb") as content:
                         while chunk := content.read(1 << 20):
@@ -197,21 +198,15 @@ def _local_models(directory: Path) -> Iterator[OrgModel]:
 def audit_org(
     org: str,
     store: ResultsStore,
-    data_options: DataOptions,
+    options: AuditOptions,
     *,
     pattern: str | None = None,
     limit: int | None = None,
     include_transformers: bool = False,
-    offline: bool = False,
-    force: bool = False,
-    num_samples: int | None = None,
-    device: str | torch.device | None = None,
-    amp: bool = False,
-    trace_only: bool = False,
     on_model: Callable[[AuditRow, int, int], None] | None = None,
     on_batch_factory: Callable[[str], Callable[[ScanResult], bool | None] | None] | None = None,
 ) -> list[AuditRow]:
-    """Scan every model that :func:`list_org_models` gives, on ``data_options`` (opened per model, in its own
+    """Scan every model that :func:`list_org_models` gives, as ``options`` say (the data opened per model, in its own
     preprocessing), committing each model's row to ``store`` at once; run keys are in the module docstring.
 
     A refused model becomes an ``unsupported`` row, any other error a ``failed`` row with a one-line reason, and the
@@ -220,22 +215,11 @@ def audit_org(
     ``on_batch`` callback for that model (progress; returning True stops its scan early).
     """
     models = list_org_models(
-        org, pattern=pattern, limit=limit, include_transformers=include_transformers, offline=offline
+        org, pattern=pattern, limit=limit, include_transformers=include_transformers, offline=options.offline
     )
     rows = []
     for i, listed in enumerate(models, 1):
-        key, row = audit_model(
-            listed,
-            data_options,
-            done=store.done,
-            offline=offline,
-            force=force,
-            num_samples=num_samples,
-            device=device,
-            amp=amp,
-            trace_only=trace_only,
-            on_batch_factory=on_batch_factory,
-        )
+        key, row = audit_model(listed, options, done=store.done, on_batch_factory=on_batch_factory)
         if row.status != "skipped":
             store.put(key, row.record, row.status, row.reason)
         rows.append(row)
@@ -246,29 +230,23 @@ def audit_org(
 
 def audit_model(
     listed: OrgModel,
-    options: DataOptions,
+    options: AuditOptions,
     *,
     done: Callable[[RunKey], bool],
-    offline: bool = False,
-    force: bool = False,
-    num_samples: int | None = None,
-    device: str | torch.device | None = None,
-    amp: bool = False,
-    trace_only: bool = False,
     on_batch_factory: Callable[[str], Callable[[ScanResult], bool | None] | None] | None = None,
 ) -> tuple[RunKey, AuditRow]:
     """One model's audit (load, describe, open the data, scan), writing nothing: the run key and the row to commit
     under it, or a ``skipped`` row (nothing to commit) when ``done(key)`` says the store has the key (unless
-    ``force``). :func:`audit_org` and the Ray tasks of :mod:`flatscan.ray_audit` both call it, so both paths write
-    the same rows."""
-    name = _model_name(listed)
-    key = _requested_key(name, listed.revision, options, num_samples)
+    ``options.force``). :func:`audit_org` and the Ray tasks of :mod:`flatscan.audit.ray_audit` both call it, so both
+    paths write the same rows."""
+    name, force = model_name(listed), options.force
+    key = requested_key(name, listed.revision, options.data, options.num_samples)
     if not force and listed.revision is not None and done(key):
         return key, AuditRow(name, "skipped", None, None)  # refused or failed before, same commit: not even loaded
     record: dict[str, Any] = {"model": name, "revision": listed.revision}
     try:
         # offline=None: HF_HUB_OFFLINE set after import is honoured, as in the CLI.
-        loaded = load_model(name, offline=offline or None)
+        loaded = load_model(name, offline=options.offline or None)
         if loaded.source == "local":  # no commit: the listing's hash of its files stands in
             loaded = dataclasses.replace(loaded, revision=listed.revision)
         key = dataclasses.replace(key, revision=loaded.revision)
@@ -279,41 +257,33 @@ def audit_model(
             "architecture": loaded.architecture,
             "flatscan_version": flatscan.__version__,
         }
-        flatscan.describe(loaded.model)  # refuse before touching any data
-        data = open_eval_data(loaded.model, options)
-        key = RunKey(name, loaded.revision, data.name, data.split, num_samples, preprocessing_key(data.data_config))
+        run = prepare(loaded, options)  # refuses before touching any data
+        data = run.data
+        key = RunKey(
+            name, loaded.revision, data.name, data.split, options.num_samples, preprocessing_key(data.data_config)
+        )
         if not force and done(key):
             return key, AuditRow(name, "skipped", None, None)
         on_batch = on_batch_factory(name) if on_batch_factory else None  # only for a model that is scanned
-        result, data, used = scan_with_retry(
-            loaded.model,
-            options,
-            data,
-            device=device,
-            max_samples=num_samples,
-            trace_only=trace_only,
-            amp=amp,
-            on_batch=on_batch,
-        )
-        record, status, reason = result_record(loaded, data, result, used), "ok", None
+        record, status, reason = measure(run, options, on_batch=on_batch), "ok", None
     except ScanInterrupted:
         raise
     except UnsupportedModel as error:  # from describe, or the scanner's checks on the first batch
         status, reason = "unsupported", error.reason
     except Exception as error:  # one broken repo must not end the audit of the others
-        status, reason = "failed", f"{type(error).__name__}: {_first_line(error)}"
+        status, reason = "failed", f"{type(error).__name__}: {first_line(error)}"
     if status != "ok" and not force and done(key):
         return key, AuditRow(name, "skipped", None, None)
     return key, AuditRow(name, status, reason, record)
 
 
-def _model_name(listed: OrgModel) -> str:
+def model_name(listed: OrgModel) -> str:
     """The name the model loads by and its rows carry: a local model folder (its repo_id an absolute path) loads as
     a directory, a Hub repo as hf-hub:org/name."""
     return listed.repo_id if Path(listed.repo_id).is_absolute() else f"hf-hub:{listed.repo_id}"
 
 
-def _requested_key(name: str, revision: str | None, options: DataOptions, num_samples: int | None) -> RunKey:
+def requested_key(name: str, revision: str | None, options: DataOptions, num_samples: int | None) -> RunKey:
     """The run key of a model whose data was not opened: the data options as given (see the module docstring)."""
     dataset = (options.dataset or "default") + (f"[{options.config}]" if options.config else "")
     overrides = {
