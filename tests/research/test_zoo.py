@@ -21,15 +21,18 @@ from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
 import flatscan
-import flatscan.org
-from flatscan import cli, reported, zoo
+import flatscan.audit.org
+from flatscan import cli
+from flatscan.audit import reported
+from flatscan.audit.options import AuditOptions
+from flatscan.audit.org import audit_org, list_org_models
+from flatscan.audit.reported import ReportedAccuracy
+from flatscan.audit.store import ResultsStore
 from flatscan.cli import app
-from flatscan.data import DataOptions, open_eval_data
 from flatscan.errors import FlatscanError
-from flatscan.models import load_model
-from flatscan.org import audit_org, list_org_models
-from flatscan.reported import ReportedAccuracy
-from flatscan.store import ResultsStore
+from flatscan.io.data import DataOptions, open_eval_data
+from flatscan.io.models import load_model
+from flatscan.research import zoo
 
 # One model per family, every source of randomness on (subset, label noise, augmentation, dropout), 23 steps each.
 TINY = zoo.ZooSpec(
@@ -185,7 +188,7 @@ def test_local_directory_is_an_organisation(tiny_zoo: Path, tmp_path: Path, monk
 
     with ResultsStore(tmp_path / "results.sqlite") as store:
         # Tr(H) only: kappa of MobileNet-V1's 1024 channels is the slow part, and the demo test audits kappa.
-        rows = audit_org("./org", store, TEST, device="cpu", trace_only=True)
+        rows = audit_org("./org", store, AuditOptions(TEST, device="cpu", trace_only=True))
         frame = store.frame()
     assert [(Path(row.model).name, row.status) for row in rows] == [
         *((n, "ok") for n in sorted(models)),
@@ -201,9 +204,11 @@ def test_local_directory_is_an_organisation(tiny_zoo: Path, tmp_path: Path, monk
 
     # A rerun skips every folder; the failed one (its key known from its hash alone) is not even loaded.
     loads: list[str] = []
-    monkeypatch.setattr(flatscan.org, "load_model", lambda name, **kwargs: loads.append(name) or load_model(name))
+    monkeypatch.setattr(flatscan.audit.org, "load_model", lambda name, **kwargs: loads.append(name) or load_model(name))
     with ResultsStore(tmp_path / "results.sqlite") as store:
-        assert {row.status for row in audit_org(str(org), store, TEST, device="cpu", trace_only=True)} == {"skipped"}
+        assert {
+            row.status for row in audit_org(str(org), store, AuditOptions(TEST, device="cpu", trace_only=True))
+        } == {"skipped"}
     assert sorted(Path(name).name for name in loads) == sorted(models)
     # A changed folder is a new revision: audited again.
     (broken / "model.safetensors").write_bytes(b"still not safetensors")

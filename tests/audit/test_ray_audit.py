@@ -20,15 +20,16 @@ import pandas as pd
 import pytest
 import ray
 from hub_server import HubServer
-from test_org import EXPECTED, MEASURES, OK, OPTIONS, ORG, N, _save  # the org of the single-machine tests
+from org_cases import EXPECTED, MEASURES, OK, OPTIONS, ORG, N, save_model  # the org of the single-machine tests
 
-from flatscan.data import DataOptions
+from flatscan.audit.options import AuditOptions
+from flatscan.audit.org import AuditRow, audit_org
+from flatscan.audit.ray_audit import audit_org_ray
+from flatscan.audit.store import ResultsStore
 from flatscan.errors import FlatscanError
-from flatscan.org import AuditRow, audit_org
-from flatscan.ray_audit import audit_org_ray
-from flatscan.store import ResultsStore
+from flatscan.io.data import DataOptions
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TESTS = str(Path(__file__).resolve().parent)
 CRASH_ORG = "crash-org"
 MEMORY_GB = 0.5  # the tasks' scheduling hint: small, so that two fit on any test machine
@@ -52,11 +53,11 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
     """
     root = tmp_path_factory.mktemp("ray-hub")
     zoo = {
-        "resnet": _save(root / "resnet", "test_resnet"),
-        "efficientnet": _save(root / "efficientnet", "test_efficientnet", seed=1),
-        "convnext": _save(root / "convnext", "test_convnext", seed=2, ls_init_value=1.0),
-        "se-resnet": _save(root / "se-resnet", "test_resnet", block_args={"attn_layer": "se"}),
-        "five-classes": _save(root / "five-classes", "test_resnet", num_classes=5),
+        "resnet": save_model(root / "resnet", "test_resnet"),
+        "efficientnet": save_model(root / "efficientnet", "test_efficientnet", seed=1),
+        "convnext": save_model(root / "convnext", "test_convnext", seed=2, ls_init_value=1.0),
+        "se-resnet": save_model(root / "se-resnet", "test_resnet", block_args={"attn_layer": "se"}),
+        "five-classes": save_model(root / "five-classes", "test_resnet", num_classes=5),
     }
     files = {name: {p.name: p.read_bytes() for p in path.iterdir()} for name, path in zoo.items()}
     weights = files["resnet"]["model.safetensors"]
@@ -111,7 +112,8 @@ def cluster(hub: HubServer, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def _ray_audit(store: ResultsStore, org: str = ORG, **kwargs: Any) -> list[AuditRow]:
-    return audit_org_ray(org, store, OPTIONS, num_samples=N, device="cpu", memory_gb=MEMORY_GB, **kwargs)
+    options = AuditOptions(OPTIONS, num_samples=N, device="cpu", force=kwargs.pop("force", False))
+    return audit_org_ray(org, store, options, memory_gb=MEMORY_GB, **kwargs)
 
 
 def _comparable(frame: pd.DataFrame) -> pd.DataFrame:
@@ -129,7 +131,7 @@ def _check_statuses(frame: pd.DataFrame, hub: HubServer, repos: Iterable[str] = 
 
 def test_ray_rows_equal_the_single_process_audit(cluster: Cluster, hub: HubServer, tmp_path: Path) -> None:
     with ResultsStore(tmp_path / "single.sqlite") as store:
-        single_rows = audit_org(ORG, store, OPTIONS, num_samples=N, device="cpu")
+        single_rows = audit_org(ORG, store, AuditOptions(OPTIONS, num_samples=N, device="cpu"))
         single = store.frame()
 
     finished: list[tuple[str, int, int]] = []
@@ -194,9 +196,10 @@ def test_a_task_whose_worker_dies_is_retried_then_failed(cluster: Cluster, hub: 
 
 _DRIVER = """
 import sys, time
-from flatscan.data import DataOptions
-from flatscan.ray_audit import audit_org_ray
-from flatscan.store import ResultsStore
+from flatscan.audit.options import AuditOptions
+from flatscan.audit.ray_audit import audit_org_ray
+from flatscan.audit.store import ResultsStore
+from flatscan.io.data import DataOptions
 
 committed = []
 
@@ -208,8 +211,8 @@ def on_model(row, i, n):
 
 with ResultsStore(sys.argv[1]) as store:
     options = DataOptions(dataset="digits", batch_size=32, workers=0, img_size=64)
-    audit_org_ray("test-org", store, options, address=sys.argv[2], limit=4, num_samples=64, device="cpu",
-                  memory_gb=0.5, on_model=on_model)
+    audit_org_ray("test-org", store, AuditOptions(options, num_samples=64, device="cpu"), address=sys.argv[2],
+                  limit=4, memory_gb=0.5, on_model=on_model)
 """
 
 
@@ -276,7 +279,7 @@ def test_without_ray_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch, 
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with ResultsStore(tmp_path / "results.sqlite") as store, pytest.raises(FlatscanError) as info:
-        audit_org_ray(ORG, store, OPTIONS)
+        audit_org_ray(ORG, store, AuditOptions(OPTIONS))
     assert str(info.value) == "auditing on a Ray cluster needs Ray: pip install 'flatscan[ray]'"
     result = CliRunner().invoke(app, ["org", ORG, "--ray", "--store", str(tmp_path / "results.sqlite")])
     assert result.exit_code == 1 and "pip install 'flatscan[ray]'" in result.stderr
@@ -286,6 +289,6 @@ def test_relative_data_paths_are_refused(tmp_path: Path) -> None:
     """A worker would resolve them in its own directory: a one-line error names the absolute path to give."""
     with ResultsStore(tmp_path / "results.sqlite") as store:
         with pytest.raises(FlatscanError, match=r"^dataset \./tests is a relative path, .* give it as /\S+/tests "):
-            audit_org_ray(ORG, store, DataOptions(dataset="./tests"))
+            audit_org_ray(ORG, store, AuditOptions(DataOptions(dataset="./tests")))
         with pytest.raises(FlatscanError, match=r"^class map map\.txt is a relative path"):
-            audit_org_ray(ORG, store, DataOptions(dataset="digits", class_map=Path("map.txt")))
+            audit_org_ray(ORG, store, AuditOptions(DataOptions(dataset="digits", class_map=Path("map.txt"))))

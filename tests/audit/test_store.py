@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from flatscan.audit.store import ResultsStore, RunKey, preprocessing_key
 from flatscan.errors import FlatscanError
-from flatscan.store import ResultsStore, RunKey, preprocessing_key
 
 CONFIG = {
     "input_size": (3, 224, 224),
@@ -213,7 +213,7 @@ def test_columns_missing_from_an_older_file_are_added(tmp_path: Path) -> None:
 
 WRITER = """
 import sys
-from flatscan.store import ResultsStore, RunKey
+from flatscan.audit.store import ResultsStore, RunKey
 store = ResultsStore(sys.argv[1])
 for i in range(100_000):
     key = RunKey(f"model-{i}", None, "imagenet-1k", None, None, "{}")
@@ -232,7 +232,7 @@ def _check_row(row: dict[str, object]) -> int:
 def test_sigkill_mid_audit_loses_no_committed_row(tmp_path: Path) -> None:
     path = tmp_path / "results.sqlite"
     writer = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1]
+        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2]
     )
     assert writer.stdout is not None
     committed = []

@@ -1,7 +1,7 @@
 """A timm architecture whose construction kills its process outright, as a segfault or the kernel's OOM killer would.
 
-tests/test_ray_audit.py imports this module in its Ray workers (a ``worker_process_setup_hook``), so that loading the
-Hub repo ``crash-org/crash`` (config.json: ``"architecture": "test_crashing_net"``) kills the worker running that
+tests/audit/test_ray_audit.py imports this module in its Ray workers (a ``worker_process_setup_hook``), so that loading
+the Hub repo ``crash-org/crash`` (config.json: ``"architecture": "test_crashing_net"``) kills the worker running that
 task: a real worker death on the real loading path, with nothing in flatscan mocked or hooked.
 """
 

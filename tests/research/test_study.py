@@ -13,15 +13,15 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from hessian_reference import randomise_norms
 from scipy import stats
 from torch import nn
 from typer.testing import CliRunner
 
-from flatscan import baselines, study
 from flatscan.cli import app
 from flatscan.errors import FlatscanError
-from flatscan.zoo import MANIFEST, ZooSpec, train_zoo
-from tests.hessian_reference import randomise_norms
+from flatscan.research import baselines, study
+from flatscan.research.zoo import MANIFEST, ZooSpec, train_zoo
 
 runner = CliRunner()
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from flatscan.data import DataError, DataOptions, EvalData, default_dataset, open_eval_data
+from flatscan.io.data import DataError, DataOptions, EvalData, default_dataset, open_eval_data
 
 IMAGENET = timm.data.ImageNetInfo()
 SMALL = {"img_size": 16, "workers": 0}  # fast: small images, no worker processes

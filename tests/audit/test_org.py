@@ -19,47 +19,21 @@ from typing import Any
 
 import pandas as pd
 import pytest
-import timm
 import torch
-from hessian_reference import randomise_norms
 from hub_server import HubServer
 from huggingface_hub import constants
-from timm.models import save_for_hf
+from org_cases import EXPECTED, MEASURES, OK, OPTIONS, ORG, TRANSFORMERS, N, save_model
 
 import flatscan
-import flatscan.runs
-from flatscan.data import DataOptions, open_eval_data
+import flatscan.audit.run
+from flatscan.audit.options import AuditOptions
+from flatscan.audit.org import AuditRow, OrgModel, audit_org, list_org_models
+from flatscan.audit.store import ResultsStore
 from flatscan.errors import FlatscanError
-from flatscan.models import load_model
-from flatscan.org import AuditRow, OrgModel, audit_org, list_org_models
-from flatscan.store import ResultsStore
+from flatscan.io.data import open_eval_data
+from flatscan.io.models import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
-ORG = "test-org"
-N = 64
-OPTIONS = DataOptions(dataset="digits", batch_size=32, workers=0, img_size=64)  # 64 px keeps the scans quick
-# The org's timm image classifiers, most downloaded first: (status, reason pattern) of each after an audit.
-EXPECTED = {
-    "test-org/resnet": ("ok", None),
-    "test-org/corrupt": ("failed", r"^ModelLoadError: .*model.safetensors is not a valid safetensors file"),
-    "test-org/efficientnet": ("ok", None),
-    "test-org/se-resnet": ("unsupported", r"^layer4.0.se \(SEModule\) gates the feature layer's output"),
-    "test-org/no-weights": ("failed", r"^ModelLoadError: hf-hub:test-org/no-weights has no model.safetensors"),
-    "test-org/convnext": ("ok", None),
-    "test-org/five-classes": ("failed", r"^DataError: labels .* of digits:all are outside the model's 5 classes"),
-}
-OK = [repo for repo, (status, _) in EXPECTED.items() if status == "ok"]
-TRANSFORMERS = "test-org/vit"  # listed (first: most downloads) only with include_transformers
-MEASURES = ("n_samples", "trace", "trace_se", "relative_flatness", "relative_flatness_se", "classifier_flatness")
-MEASURES += ("loss", "accuracy", "accuracy_top5", "feature_layer")
-
-
-def _save(directory: Path, arch: str, num_classes: int = 10, seed: int = 0, **model_args: Any) -> Path:
-    torch.manual_seed(seed)
-    model = timm.create_model(arch, num_classes=num_classes, **model_args).eval()
-    randomise_norms(model, torch.Generator().manual_seed(seed))
-    save_for_hf(model, str(directory), safe_serialization=True, model_args=model_args or None)
-    return directory
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +41,11 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Saved timm-format directories, built once for the module."""
     root = tmp_path_factory.mktemp("zoo")
     return {
-        "resnet": _save(root / "resnet", "test_resnet"),
-        "efficientnet": _save(root / "efficientnet", "test_efficientnet", seed=1),
-        "convnext": _save(root / "convnext", "test_convnext", seed=2, ls_init_value=1.0),  # timm: 1e-6
-        "se-resnet": _save(root / "se-resnet", "test_resnet", block_args={"attn_layer": "se"}),
-        "five-classes": _save(root / "five-classes", "test_resnet", num_classes=5),
+        "resnet": save_model(root / "resnet", "test_resnet"),
+        "efficientnet": save_model(root / "efficientnet", "test_efficientnet", seed=1),
+        "convnext": save_model(root / "convnext", "test_convnext", seed=2, ls_init_value=1.0),  # timm: 1e-6
+        "se-resnet": save_model(root / "se-resnet", "test_resnet", block_args={"attn_layer": "se"}),
+        "five-classes": save_model(root / "five-classes", "test_resnet", num_classes=5),
     }
 
 
@@ -103,8 +77,9 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zoo: dict[str, Path]) -
         yield server
 
 
-def _audit(store: ResultsStore, **kwargs: Any) -> list[AuditRow]:
-    return audit_org(ORG, store, OPTIONS, num_samples=N, device="cpu", **kwargs)
+def _audit(store: ResultsStore, force: bool = False, offline: bool = False, **kwargs: Any) -> list[AuditRow]:
+    options = AuditOptions(OPTIONS, num_samples=N, device="cpu", force=force, offline=offline)
+    return audit_org(ORG, store, options, **kwargs)
 
 
 def _listing_requests(hub: HubServer) -> list[str]:
@@ -216,7 +191,7 @@ def test_offline_audit_lists_the_cache(hub: HubServer, tmp_path: Path, caplog: p
         _audit(store, pattern="[!e]*", include_transformers=True)  # downloads all but efficientnet into the cache
         frame = store.frame()
         hub.requests.clear()
-        with caplog.at_level(logging.WARNING, logger="flatscan.org"):
+        with caplog.at_level(logging.WARNING, logger="flatscan.audit.org"):
             cached = list_org_models(ORG, offline=True, include_transformers=True)
         assert "offline: the models of test-org are listed from the Hugging Face cache" in caplog.text
         # By name, no download counts; the transformers repo is cached but not timm.
@@ -245,11 +220,11 @@ def test_out_of_memory_halves_the_batch(hub: HubServer, tmp_path: Path, monkeypa
 
         return scan_or_run_out
 
-    monkeypatch.setattr(flatscan.runs, "scan", scan_fitting(8))
+    monkeypatch.setattr(flatscan.audit.run, "scan", scan_fitting(8))
     with ResultsStore(tmp_path / "results.sqlite") as store:
         (row,) = _audit(store, pattern="resnet")
         assert (row.status, row.record["batch_size"], row.record["n_samples"]) == ("ok", 8, N)
-        monkeypatch.setattr(flatscan.runs, "scan", scan_fitting(0))
+        monkeypatch.setattr(flatscan.audit.run, "scan", scan_fitting(0))
         (row,) = _audit(store, pattern="convnext")
         assert (row.status, row.reason) == (
             "failed",
@@ -262,9 +237,10 @@ def test_out_of_memory_halves_the_batch(hub: HubServer, tmp_path: Path, monkeypa
 
 _AUDIT_SCRIPT = """
 import sys, time
-from flatscan.data import DataOptions
-from flatscan.org import audit_org
-from flatscan.store import ResultsStore
+from flatscan.audit.options import AuditOptions
+from flatscan.audit.org import audit_org
+from flatscan.audit.store import ResultsStore
+from flatscan.io.data import DataOptions
 
 committed = []
 
@@ -281,7 +257,7 @@ def on_batch_factory(model):
 
 with ResultsStore(sys.argv[1]) as store:
     options = DataOptions(dataset="digits", batch_size=32, workers=0, img_size=64)
-    audit_org("test-org", store, options, num_samples=64, device="cpu", on_model=on_model,
+    audit_org("test-org", store, AuditOptions(options, num_samples=64, device="cpu"), on_model=on_model,
               on_batch_factory=on_batch_factory)
 """
 

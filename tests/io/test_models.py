@@ -24,11 +24,11 @@ from timm.models import save_for_hf
 from torch import nn
 
 import flatscan
-from flatscan.models import ModelLoadError, OfflineCacheMiss, load_model
+from flatscan.io.models import ModelLoadError, OfflineCacheMiss, load_model
 
 REPO = "test-org/tiny-resnet"
 TIMM_REPO = "timm/test_resnet.r160_in1k"  # where timm's registry finds the weights of test_resnet
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tiny(num_classes: int = 10, seed: int = 0) -> nn.Module:
@@ -311,7 +311,7 @@ def test_no_network_is_one_line_that_suggests_offline(monkeypatch: pytest.Monkey
 _LOAD_SCRIPT = """
 import json, sys
 import safetensors.torch, torch
-from flatscan.models import load_model
+from flatscan.io.models import load_model
 records = []
 for i, name in enumerate(sys.argv[2:]):
     loaded = load_model(name)

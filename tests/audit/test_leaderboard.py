@@ -14,13 +14,13 @@ import pytest
 from rich.console import Console
 from scipy import stats
 
-from flatscan import leaderboard as leaderboard_module
+from flatscan.audit import leaderboard as leaderboard_module
+from flatscan.audit.leaderboard import Leaderboard, build_leaderboard, write_reports
+from flatscan.audit.reported import ReportedAccuracy
+from flatscan.audit.store import ResultsStore, RunKey
 from flatscan.errors import FlatscanError
-from flatscan.leaderboard import Leaderboard, build_leaderboard, write_reports
-from flatscan.reported import ReportedAccuracy
-from flatscan.store import ResultsStore, RunKey
 
-TIMM_RESULTS = Path(__file__).parents[1] / ".." / "shared" / "data" / "timm-results"
+TIMM_RESULTS = Path(__file__).parents[2] / ".." / "shared" / "data" / "timm-results"
 CSVS = ("results-imagenet.csv", "results-imagenet-real.csv", "results-imagenetv2-matched-frequency.csv")
 HOSTILE = "<script>alert(1)</script>"
 MARKUP = "[red]markup[/red]"

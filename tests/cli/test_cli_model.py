@@ -19,9 +19,10 @@ from timm.models import save_for_hf
 from typer.testing import CliRunner
 
 import flatscan
+import flatscan.audit.run as audit_run
 import flatscan.cli as cli
-from flatscan.data import DataOptions, open_eval_data
-from flatscan.models import load_model
+from flatscan.io.data import DataOptions, open_eval_data
+from flatscan.io.models import load_model
 
 runner = CliRunner()
 BASE = ["-j", "0", "--dataset", "digits"]
@@ -140,7 +141,7 @@ def test_until_se_stops_early_and_results_file(tiny_dir: Path, tmp_path: Path) -
 
 
 def test_ctrl_c_prints_the_partial_result(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_open = cli.open_eval_data
+    real_open = audit_run.open_eval_data
 
     def interrupted_after_two_batches(model: torch.nn.Module, options: DataOptions):
         data = real_open(model, options)
@@ -153,7 +154,7 @@ def test_ctrl_c_prints_the_partial_result(tiny_dir: Path, monkeypatch: pytest.Mo
 
         return type(data)(**{**data.__dict__, "batches": batches()})
 
-    monkeypatch.setattr(cli, "open_eval_data", interrupted_after_two_batches)
+    monkeypatch.setattr(audit_run, "open_eval_data", interrupted_after_two_batches)
     code, out, err = invoke("model", str(tiny_dir), *BASE, "-b", "16", "--json")
     assert code == 130
     assert json.loads(out)["n_samples"] == 32  # the finished batches are reported, not lost
@@ -176,7 +177,7 @@ def test_verify_command_fails_on_a_zero_scale(tmp_path: Path) -> None:
 
 
 def test_leaderboard_command_writes_reports(tiny_dir: Path, tmp_path: Path) -> None:
-    from flatscan.store import ResultsStore, RunKey, preprocessing_key
+    from flatscan.audit.store import ResultsStore, RunKey, preprocessing_key
 
     torch.manual_seed(1)
     other = timm.create_model("test_efficientnet", num_classes=10)

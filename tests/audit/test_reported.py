@@ -14,11 +14,11 @@ import pytest
 import timm.models
 from huggingface_hub import EvalResult
 
-from flatscan import reported as reported_module
+from flatscan.audit import reported as reported_module
+from flatscan.audit.reported import Reported, ReportedAccuracy, card_reported, default_cache_dir, timm_name
 from flatscan.errors import FlatscanError
-from flatscan.reported import Reported, ReportedAccuracy, card_reported, default_cache_dir, timm_name
 
-TIMM_RESULTS = Path(__file__).parents[1] / ".." / "shared" / "data" / "timm-results"
+TIMM_RESULTS = Path(__file__).parents[2] / ".." / "shared" / "data" / "timm-results"
 IMAGENET = "results-imagenet.csv"
 
 
