@@ -2,7 +2,12 @@
 and one module per command group: one model (:mod:`.models`), an organisation (:mod:`.audit`), research
 (:mod:`.research`). Importing it loads no torch, timm or pandas: each command imports what it uses when it runs."""
 
-from flatscan.cli import audit, models, research
+import importlib
+
 from flatscan.cli.app import app, console, errors
 
-__all__ = ["app", "audit", "console", "errors", "models", "research"]
+# The command modules register their commands on import, in the order `flatscan --help` lists them.
+for _group in ("models", "audit", "research"):
+    importlib.import_module(f"flatscan.cli.{_group}")
+
+__all__ = ["app", "console", "errors"]

@@ -33,7 +33,46 @@ if TYPE_CHECKING:
 
 
 @app.command()
-@with_data_options
+def leaderboard(
+    store: Annotated[Path, typer.Argument(help="results store written by `flatscan org`")] = Path(
+        "flatscan-results.sqlite"
+    ),
+    rank_by: Annotated[str, typer.Option(help="measure to rank by (ascending: flatter first)")] = "relative_flatness",
+    dataset: Annotated[
+        str | None, typer.Option(help="the evaluation data set to rank (when the store has several)")
+    ] = None,
+    reported: Annotated[
+        Path | None, typer.Option(help="your own reported accuracies: CSV with model,top1[,top5]")
+    ] = None,
+    offline: Offline = False,
+    out: Annotated[Path, typer.Option(help="directory for the .md, .csv and .html reports")] = Path("reports"),
+    stem: Annotated[str, typer.Option(help="file name stem of the reports")] = "leaderboard",
+    debug: Debug = False,
+) -> None:
+    """Rank audited models by a flatness measure against reported accuracy, with rank correlations."""
+
+    def action() -> None:
+        from flatscan.audit.leaderboard import build_leaderboard, write_reports
+        from flatscan.audit.reported import ReportedAccuracy
+        from flatscan.audit.store import ResultsStore
+
+        if not store.exists():
+            raise FlatscanError(f"no results store at {store}; run `flatscan org ORG` first or pass the store's path")
+        with ResultsStore(store) as results:
+            frame = results.frame()
+        if dataset is not None:
+            # Refused and failed rows stay: they say which models could not be ranked, and why.
+            frame = frame[(frame["dataset"] == dataset) | (frame["status"] != "ok")]
+        board = build_leaderboard(frame, ReportedAccuracy(user_csv=reported, offline=offline), rank_by=rank_by)
+        console.print(board.rich_table())
+        for path in write_reports(board, out, stem):
+            console.print(f"wrote {path}")
+
+    run_action(debug, action)
+
+
+@app.command()
+@with_data_options(seed_before="trace_only")
 def org(
     name: Annotated[
         str, typer.Argument(help="Hub organisation or user (timm), or a directory of model folders (./zoo)")
@@ -146,42 +185,3 @@ def _batch_progress(progress: Progress, num_samples: int | None) -> Callable[[st
         return progress_callback(progress, task, None)
 
     return on_batch_factory
-
-
-@app.command()
-def leaderboard(
-    store: Annotated[Path, typer.Argument(help="results store written by `flatscan org`")] = Path(
-        "flatscan-results.sqlite"
-    ),
-    rank_by: Annotated[str, typer.Option(help="measure to rank by (ascending: flatter first)")] = "relative_flatness",
-    dataset: Annotated[
-        str | None, typer.Option(help="the evaluation data set to rank (when the store has several)")
-    ] = None,
-    reported: Annotated[
-        Path | None, typer.Option(help="your own reported accuracies: CSV with model,top1[,top5]")
-    ] = None,
-    offline: Offline = False,
-    out: Annotated[Path, typer.Option(help="directory for the .md, .csv and .html reports")] = Path("reports"),
-    stem: Annotated[str, typer.Option(help="file name stem of the reports")] = "leaderboard",
-    debug: Debug = False,
-) -> None:
-    """Rank audited models by a flatness measure against reported accuracy, with rank correlations."""
-
-    def action() -> None:
-        from flatscan.audit.leaderboard import build_leaderboard, write_reports
-        from flatscan.audit.reported import ReportedAccuracy
-        from flatscan.audit.store import ResultsStore
-
-        if not store.exists():
-            raise FlatscanError(f"no results store at {store}; run `flatscan org ORG` first or pass the store's path")
-        with ResultsStore(store) as results:
-            frame = results.frame()
-        if dataset is not None:
-            # Refused and failed rows stay: they say which models could not be ranked, and why.
-            frame = frame[(frame["dataset"] == dataset) | (frame["status"] != "ok")]
-        board = build_leaderboard(frame, ReportedAccuracy(user_csv=reported, offline=offline), rank_by=rank_by)
-        console.print(board.rich_table())
-        for path in write_reports(board, out, stem):
-            console.print(f"wrote {path}")
-
-    run_action(debug, action)

@@ -72,7 +72,7 @@ def describe(
 
 
 @app.command()
-@with_data_options
+@with_data_options(seed_before="until_se")
 def model(
     name: ModelName = None,
     checkpoint: Checkpoint = None,

@@ -66,30 +66,38 @@ DATA_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
 )
 
 
-def with_data_options(command: Callable[..., None]) -> Callable[..., None]:
-    """``command`` with the data options (:data:`DATA_OPTIONS`) in place of its ``data`` parameter, which receives
-    them as one ``DataOptions`` (imported when the command runs)."""
-    parameters = []
-    for parameter in inspect.signature(command).parameters.values():
-        if parameter.name == "data":
-            parameters += [
-                inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=option)
-                for name, option, default in DATA_OPTIONS
-            ]
-        else:  # the command module's own names: evaluated here, as Typer reads the signature as it is
-            annotation = parameter.annotation
+def with_data_options(seed_before: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A decorator: the command with the data options (:data:`DATA_OPTIONS`) in place of its ``data`` parameter, which
+    receives them as one ``DataOptions`` (imported when the command runs); ``--seed`` goes before ``seed_before``."""
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        options = {
+            name: inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=option)
+            for name, option, default in DATA_OPTIONS
+        }
+        seed = options.pop("seed")
+        parameters = []
+        for parameter in inspect.signature(command).parameters.values():
+            if parameter.name == "data":
+                parameters += options.values()
+                continue
+            if parameter.name == seed_before:
+                parameters.append(seed)
+            annotation = parameter.annotation  # the command module's own names, evaluated as Typer needs them
             if isinstance(annotation, str):
                 annotation = eval(annotation, command.__globals__)
             parameters.append(parameter.replace(annotation=annotation))
 
-    @functools.wraps(command)
-    def wrapper(**kwargs: Any) -> None:
-        from flatscan.io.data import DataOptions
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> None:
+            from flatscan.io.data import DataOptions
 
-        values = {name: kwargs.pop(name) for name, _, _ in DATA_OPTIONS}
-        command(data=DataOptions(**values), **kwargs)
+            values = {name: kwargs.pop(name) for name, _, _ in DATA_OPTIONS}
+            command(data=DataOptions(**values), **kwargs)
 
-    wrapper.__signature__ = inspect.Signature(parameters, return_annotation=None)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters} | {"return": None}
-    del wrapper.__wrapped__  # Typer must read the signature above, not the command's
-    return wrapper
+        wrapper.__signature__ = inspect.Signature(parameters, return_annotation=None)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters} | {"return": None}
+        del wrapper.__wrapped__  # Typer must read the signature above, not the command's
+        return wrapper
+
+    return decorate
