@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 TASK = "image-classification"
 # With `expand` the Hub returns these properties (and the id) only; `sha` lets a rerun skip a refused model unloaded.
-_EXPAND = ["downloads", "library_name", "tags", "pipeline_tag", "sha"]
+_EXPAND: Any = ["downloads", "library_name", "tags", "pipeline_tag", "sha"]
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ def audit_org(
     for i, listed in enumerate(models, 1):
         key, row = audit_model(listed, options, done=store.done, on_batch_factory=on_batch_factory)
         if row.status != "skipped":
-            store.put(key, row.record, row.status, row.reason)
+            store.put(key, row.record, row.status, row.reason)  # type: ignore[arg-type]  # a record unless skipped
         rows.append(row)
         if on_model is not None:
             on_model(row, i, len(models))

@@ -186,7 +186,7 @@ def _collect(
             index = pending.pop(ref)
             key, row = _task_result(ray, ref, rows.models[index], options, store)
             if row.status != "skipped":
-                store.put(key, row.record, row.status, row.reason)
+                store.put(key, row.record, row.status, row.reason)  # type: ignore[arg-type]  # a record unless skipped
             rows.finish(index, row)
 
 

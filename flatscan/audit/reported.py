@@ -169,7 +169,7 @@ class ReportedAccuracy:
         if self._user is not None:
             rows = self._user[self._user["key"] == _canonical(model)]
             if len(rows):
-                return _reported(_pick(rows, img_size, name), self._user_source)
+                return _reported(_pick(rows, img_size, name), self._user_source)  # type: ignore[arg-type]
         if name is not None:
             rows = self._timm_results().get(name)
             if rows is not None:

@@ -8,7 +8,7 @@ import dataclasses
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -65,7 +65,7 @@ def measure(
         )
     except ScanInterrupted as interrupted:
         if on_partial is not None and interrupted.partial is not None:
-            on_partial(result_record(run.loaded, run.data, interrupted.partial, options.data))
+            on_partial(result_record(run.loaded, run.data, cast(ScanResult, interrupted.partial), options.data))
         raise
     return result_record(run.loaded, data, result, used)
 

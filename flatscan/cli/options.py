@@ -76,7 +76,7 @@ def with_data_options(seed_before: str) -> Callable[[Callable[..., None]], Calla
             for name, option, default in DATA_OPTIONS
         }
         seed = options.pop("seed")
-        parameters = []
+        parameters: list[inspect.Parameter] = []
         for parameter in inspect.signature(command).parameters.values():
             if parameter.name == "data":
                 parameters += options.values()

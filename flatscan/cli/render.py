@@ -98,7 +98,7 @@ def progress_callback(progress: Progress, task: Any, until_se: float | None) -> 
         progress.update(task, completed=running.n_samples, kappa=kappa, rate=f"{rate:.1f} img/s")
         if until_se is None or running.relative_flatness is None or running.n_samples < 2:
             return False
-        return running.relative_flatness_se / abs(running.relative_flatness) < until_se
+        return running.relative_flatness_se / abs(running.relative_flatness) < until_se  # type: ignore[operator]
 
     return on_batch
 

@@ -43,7 +43,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import datasets
 import numpy as np
@@ -130,6 +130,7 @@ def open_eval_data(model: nn.Module, options: DataOptions) -> EvalData:
     data_config = _data_config(model, options)
     source = options.dataset or default_dataset(model)
     if source == DIGITS:
+        num_samples: int | None
         dataset, name, split, num_samples = _digits(options)
     else:
         dataset, name, split, num_samples = _datasets_source(source, options)
@@ -415,7 +416,7 @@ def _label_map(
             raise DataError(
                 f"labels {few(list(map(repr, missing)), 5)} of {name} are not in the class map {class_map}: add them"
             )
-        return _LabelMap(kind, num_classes, dict(enumerate(resolved)), None, name)
+        return _LabelMap(kind, num_classes, dict(enumerate(cast("list[int]", resolved))), None, name)
     imagenet = _imagenet_classes(model)
     # Names "0", "1", ... are what datasets calls classes that have no names: they fit by index.
     if imagenet is not None and names is not None and names != [str(i) for i in range(len(names))]:
@@ -431,7 +432,7 @@ def _label_map(
                 f"labels {few(list(map(repr, missing)), 5)} of {name} are not among the model's ImageNet classes: "
                 "map them with --class-map FILE"
             )
-        return _LabelMap("synset", num_classes, dict(enumerate(resolved)), None, name)
+        return _LabelMap("synset", num_classes, dict(enumerate(cast("list[int]", resolved))), None, name)
     if names is not None and len(names) > num_classes:
         raise DataError(
             f"labels {few(list(map(repr, names[num_classes:])), 5)} of {name} are outside the model's {num_classes} "

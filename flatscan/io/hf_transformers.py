@@ -136,7 +136,8 @@ def _processor_data_config(processor: Any, where: str) -> dict[str, Any]:
             f"the image processor of {where} ({type(processor).__name__}) resizes to {_size_text(size)}: flatscan "
             f"cannot reproduce it; {_NO_PROCESSOR}"
         )
-    mean, std = (0.0,) * 3, (1.0,) * 3
+    mean: tuple[float, ...] = (0.0,) * 3
+    std: tuple[float, ...] = (1.0,) * 3
     if processor.do_normalize:
         mean, std = (_channels(processor.image_mean), _channels(processor.image_std))
     if getattr(processor, "include_top", False):  # EfficientNet's processor divides by the std a second time
@@ -145,7 +146,7 @@ def _processor_data_config(processor: Any, where: str) -> dict[str, Any]:
         "input_size": (3, height, width),
         "crop_pct": crop_pct,
         "crop_mode": crop_mode,
-        "interpolation": _RESAMPLE.get(getattr(processor, "resample", None), "bilinear"),
+        "interpolation": _RESAMPLE.get(getattr(processor, "resample", None), "bilinear"),  # type: ignore[arg-type]
         "mean": mean,
         "std": std,
     }

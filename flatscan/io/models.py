@@ -144,7 +144,7 @@ def _from_timm(name: str, offline: bool, pretrained: bool, num_classes: int | No
         revision = _snapshot_commit(weights)
     else:
         # A few old timm weights are GitHub release files, which timm downloads into torch.hub's cache.
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name  # type: ignore[arg-type]
         if cached.is_file():
             weights = str(cached)
         elif offline:
@@ -163,7 +163,7 @@ def _from_timm(name: str, offline: bool, pretrained: bool, num_classes: int | No
             f"cannot load the weights of {name} from {where} ({first_line(error)}): the cached file may be corrupt, "
             "delete it and load again online"
         ) from None
-    tag = model.pretrained_cfg.get("tag")
+    tag = model.pretrained_cfg.get("tag")  # type: ignore[union-attr, operator]
     return LoadedModel(model.eval(), f"{arch}.{tag}" if tag else arch, arch, "timm", revision)
 
 
@@ -400,7 +400,7 @@ def _fit_classifier(model: nn.Module, state: dict[str, Any]) -> None:
     weight = state.get(f"{classifier}.weight") if isinstance(classifier, str) else None
     classes = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.ndim >= 2 else None
     if classes is not None and classes != getattr(model, "num_classes", classes) and hasattr(model, "reset_classifier"):
-        model.reset_classifier(classes)
+        model.reset_classifier(classes)  # type: ignore[operator]
 
 
 def _shape(value: object) -> tuple[int, ...] | str:

@@ -107,7 +107,7 @@ def hutchinson_trace(model: nn.Module, batches: Batches, probes: int = 64, seed:
             for k in range(probes):
                 vector = rademacher_probe(params, seed, k)  # drawn again per batch: the same
                 hv = torch.autograd.grad(grads, params, grad_outputs=vector, retain_graph=k < probes - 1)
-                quadratic[k] += sum((h.double() * v.double()).sum() for h, v in zip(hv, vector, strict=True)).item()
+                quadratic[k] += sum((h.double() * v.double()).sum() for h, v in zip(hv, vector, strict=True)).item()  # type: ignore[union-attr]
     finally:
         model.train(was_training)
     return TraceEstimate(

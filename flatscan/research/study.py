@@ -281,7 +281,7 @@ def measure_zoo(
         row = cached.get(entry.name)
         if row is None:
             model = load_model(str(root / entry.name)).model
-            config_key = json.dumps(model.pretrained_cfg.get("input_size"))
+            config_key = json.dumps(model.pretrained_cfg.get("input_size"))  # type: ignore[union-attr, operator]
             if config_key not in splits:  # every zoo model declares the same preprocessing: read the data once
                 splits[config_key] = (_split(spec, model, spec.train_split), _split(spec, model, spec.test_split))
             train, test = splits[config_key]
@@ -299,7 +299,7 @@ def measure_zoo(
     return table
 
 
-def _pairs(groups: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _pairs(groups: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Index pairs (i < j) of the models that share a group, and the pair's group."""
     by_group: dict[int, list[int]] = {}
     for index, group in enumerate(groups):
@@ -314,7 +314,9 @@ def _pairs(groups: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.array(first, dtype=int), np.array(second, dtype=int), np.array(pair_group, dtype=int)
 
 
-def weighted_group_taus(x: np.ndarray, y: np.ndarray, groups: Sequence[int], weights: np.ndarray) -> np.ndarray:
+def weighted_group_taus(
+    x: np.ndarray, y: np.ndarray, groups: Sequence[int] | np.ndarray, weights: np.ndarray
+) -> np.ndarray:
     """Kendall's tau-b of (x, y) within each group, for each row of ``weights`` (model multiplicities, R x n).
 
     A model taken w times is w tied copies, so the tau is scipy's ``kendalltau`` of the expanded sample; computed

@@ -541,7 +541,7 @@ def train_zoo(
             architecture, model_args = config.architecture()
             params = sum(p.numel() for p in model.parameters())
             seconds = time.perf_counter() - start
-            done[name] = ZooModel(name, config, architecture, model_args, params, **metrics, seconds=seconds)
+            done[name] = ZooModel(name, config, architecture, model_args, params, **metrics, seconds=seconds)  # type: ignore[arg-type]
             _save(model, done[name], spec, root / name)
             _write_manifest(root, spec, [done[n] for n in names if n in done])
         if on_model is not None:
