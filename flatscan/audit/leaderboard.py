@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,26 +18,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 from rich.table import Table
 from rich.text import Text
-from scipy import stats
 
+from flatscan.audit.ranks import CORRELATION_COLUMNS, rank_correlation
 from flatscan.audit.reported import ReportedAccuracy
 from flatscan.errors import FlatscanError
 
-BOOTSTRAP_RESAMPLES = 1000
-BOOTSTRAP_SEED = 0
 # Other timm results of the same models: how much of the accuracy survives relabelling and a new test set.
 _PROXIES = {"top1_real": "imagenet-real", "top1_v2": "imagenetv2-matched-frequency"}
-_CORRELATION_COLUMNS = [
-    "measure",
-    "group",
-    "n",
-    "kendall_tau",
-    "tau_ci_low",
-    "tau_ci_high",
-    "spearman_rho",
-    "rho_ci_low",
-    "rho_ci_high",
-]
 # Left out of the terminal table for width; the reports have them.
 _RICH_HIDDEN = {"revision", "architecture", "reported_top5", "top1_real", "n_samples", "dataset", "split", "status"}
 _SKIPPED_COLUMNS = ["model", "revision", "architecture", "status", "reason"]
@@ -176,41 +162,6 @@ def _html_table(frame: pd.DataFrame) -> str:
     return cells.to_html(index=False, escape=False, border=0)
 
 
-def _correlate(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Kendall tau and Spearman rho with paired-bootstrap 95% CIs; NaN below 3 pairs or for constant input."""
-    nan = dict.fromkeys(_CORRELATION_COLUMNS[3:], math.nan)
-    if len(x) < 3:
-        return nan
-
-    def statistic(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return np.array([stats.kendalltau(a, b).statistic, stats.spearmanr(a, b).statistic])
-
-    # A constant sample (or resample, likely below about 7 pairs) has no rank correlation: the estimate or
-    # its interval is NaN, which says so; the warnings scipy raises on the way would only repeat it.
-    with warnings.catch_warnings():
-        for category in (stats.ConstantInputWarning, stats.DegenerateDataWarning, RuntimeWarning):
-            warnings.simplefilter("ignore", category)
-        tau, rho = statistic(x, y)
-        if math.isnan(tau):
-            return nan
-        ci = stats.bootstrap(
-            (x, y),
-            statistic,
-            paired=True,
-            vectorized=False,
-            n_resamples=BOOTSTRAP_RESAMPLES,
-            rng=np.random.default_rng(BOOTSTRAP_SEED),
-        ).confidence_interval
-    return {
-        "kendall_tau": tau,
-        "tau_ci_low": ci.low[0],
-        "tau_ci_high": ci.high[0],
-        "spearman_rho": rho,
-        "rho_ci_low": ci.low[1],
-        "rho_ci_high": ci.high[1],
-    }
-
-
 def _correlations(table: pd.DataFrame, measures: Sequence[str]) -> pd.DataFrame:
     """Each measure against reported top-1, over all ranked models and per family."""
     groups = [("all", table)] + [(str(family), rows) for family, rows in table.groupby("family", sort=True)]
@@ -219,8 +170,8 @@ def _correlations(table: pd.DataFrame, measures: Sequence[str]) -> pd.DataFrame:
         for group, rows in groups:
             pairs = rows[[measure, "reported_top1"]].astype(float).dropna()
             x, y = pairs[measure].to_numpy(), pairs["reported_top1"].to_numpy()
-            records.append({"measure": measure, "group": group, "n": len(pairs), **_correlate(x, y)})
-    return pd.DataFrame(records, columns=_CORRELATION_COLUMNS)
+            records.append({"measure": measure, "group": group, "n": len(pairs), **rank_correlation(x, y)})
+    return pd.DataFrame(records, columns=CORRELATION_COLUMNS)
 
 
 def _img_size(input_size: Any) -> int | None:

@@ -111,12 +111,7 @@ def org(
 
     torch.manual_seed(data.seed)
     on_ray = ray or ray_address is not None
-    ray_settings = {
-        "address": ray_address,
-        "num_gpus": ray_gpus,
-        "memory_gb": ray_memory_gb,
-        "max_retries": ray_retries,
-    }
+    ray_settings = dict(address=ray_address, num_gpus=ray_gpus, memory_gb=ray_memory_gb, max_retries=ray_retries)
     listing = {"pattern": pattern, "limit": limit, "include_transformers": include_transformers}
 
     def action() -> None:

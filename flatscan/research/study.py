@@ -35,10 +35,10 @@ import pandas as pd
 import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from scipy import stats
 from torch import Tensor, nn
 
 import flatscan
+from flatscan.audit.ranks import kendall, percentile_interval, weighted_group_taus
 from flatscan.errors import FlatscanError
 from flatscan.io.data import DataOptions, open_eval_data
 from flatscan.io.models import load_model
@@ -299,46 +299,6 @@ def measure_zoo(
     return table
 
 
-def _pairs(groups: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Index pairs (i < j) of the models that share a group, and the pair's group."""
-    by_group: dict[int, list[int]] = {}
-    for index, group in enumerate(groups):
-        by_group.setdefault(group, []).append(index)
-    first, second, pair_group = [], [], []
-    for group, members in by_group.items():
-        for a in range(len(members)):
-            for b in range(a + 1, len(members)):
-                first.append(members[a])
-                second.append(members[b])
-                pair_group.append(group)
-    return np.array(first, dtype=int), np.array(second, dtype=int), np.array(pair_group, dtype=int)
-
-
-def weighted_group_taus(
-    x: np.ndarray, y: np.ndarray, groups: Sequence[int] | np.ndarray, weights: np.ndarray
-) -> np.ndarray:
-    """Kendall's tau-b of (x, y) within each group, for each row of ``weights`` (model multiplicities, R x n).
-
-    A model taken w times is w tied copies, so the tau is scipy's ``kendalltau`` of the expanded sample; computed
-    from the pairs of distinct models (copies are tied in both x and y and count in no term), it is vectorised over
-    bootstrap resamples. Returns (R, groups) in the order of ``np.unique(groups)``; NaN where a group has no pair
-    untied in x or in y.
-    """
-    first, second, pair_group = _pairs(groups)
-    labels = np.unique(np.asarray(groups))
-    column = np.searchsorted(labels, pair_group)
-    sx, sy = np.sign(x[first] - x[second]), np.sign(y[first] - y[second])
-    pair_weights = weights[:, first] * weights[:, second]  # (R, pairs)
-    indicator = np.zeros((len(first), len(labels)))
-    indicator[np.arange(len(first)), column] = 1.0
-    concordance = (pair_weights * (sx * sy)) @ indicator
-    untied_x = (pair_weights * np.abs(sx)) @ indicator
-    untied_y = (pair_weights * np.abs(sy)) @ indicator
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tau = concordance / np.sqrt(untied_x * untied_y)
-    return np.where((untied_x > 0) & (untied_y > 0), tau, np.nan)
-
-
 def _group_ids(frame: pd.DataFrame, others: Sequence[str]) -> np.ndarray:
     """One integer per distinct combination of the ``others`` columns (all models in one group when empty)."""
     if not others:
@@ -365,19 +325,12 @@ def granulated_tau(
         taus = []
         for _, rows in frame.groupby(_group_ids(frame, others)):
             if len(rows) >= 2:
-                tau = _kendall(rows[measure].to_numpy(float), rows[target].to_numpy(float))
+                tau = kendall(rows[measure].to_numpy(float), rows[target].to_numpy(float))
                 if not math.isnan(tau):
                     taus.append(tau)
         per_hyperparameter[name] = float(np.mean(taus)) if taus else math.nan
     defined = [value for value in per_hyperparameter.values() if not math.isnan(value)]
     return (float(np.mean(defined)) if defined else math.nan), per_hyperparameter
-
-
-def _kendall(x: np.ndarray, y: np.ndarray) -> float:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", stats.ConstantInputWarning)
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.kendalltau(x, y).statistic)
 
 
 def _bootstrap_psi(
@@ -395,15 +348,6 @@ def _bootstrap_psi(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(np.stack(per_hyperparameter, axis=1), axis=1)
-
-
-def _interval(values: np.ndarray) -> tuple[float, float]:
-    """Percentile 95% interval of the bootstrap values that are defined."""
-    values = values[~np.isnan(values)]
-    if len(values) == 0:
-        return math.nan, math.nan
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(low), float(high)
 
 
 def correlations(
@@ -433,12 +377,16 @@ def correlations(
                 records.append(record)
                 continue
             weights = all_weights[:, defined]
-            tau = _kendall(x, y)
+            tau = kendall(x, y)
             boot_tau = weighted_group_taus(x, y, np.zeros(len(frame), dtype=int), weights)[:, 0]
             psi, per_hyperparameter = granulated_tau(frame, measure, target, hyperparameters)
             boot_psi = _bootstrap_psi(x, y, frame, hyperparameters, weights)
-            record |= dict(zip(("tau", "tau_ci_low", "tau_ci_high"), (tau, *_interval(boot_tau)), strict=True))
-            record |= dict(zip(("psi", "psi_ci_low", "psi_ci_high"), (psi, *_interval(boot_psi)), strict=True))
+            record |= dict(
+                zip(("tau", "tau_ci_low", "tau_ci_high"), (tau, *percentile_interval(boot_tau)), strict=True)
+            )
+            record |= dict(
+                zip(("psi", "psi_ci_low", "psi_ci_high"), (psi, *percentile_interval(boot_psi)), strict=True)
+            )
             record |= {f"psi_{name}": value for name, value in per_hyperparameter.items()}
             records.append(record)
     return pd.DataFrame(records)

@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 from scipy import stats
 
-from flatscan.audit import leaderboard as leaderboard_module
+from flatscan.audit import ranks as ranks_module
 from flatscan.audit.leaderboard import Leaderboard, build_leaderboard, write_reports
 from flatscan.audit.reported import ReportedAccuracy
 from flatscan.audit.store import ResultsStore, RunKey
@@ -77,7 +77,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def board(results: pd.DataFrame, cache: Path) -> Leaderboard:
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(leaderboard_module, "BOOTSTRAP_RESAMPLES", 300)  # the estimates do not depend on it
+        patch.setattr(ranks_module, "BOOTSTRAP_RESAMPLES", 300)  # the estimates do not depend on it
         return build_leaderboard(results, ReportedAccuracy(results_dir=cache, offline=True))
 
 
@@ -141,7 +141,7 @@ def test_correlations_match_scipy(board: Leaderboard) -> None:
 
 
 def test_bootstrap_is_reproducible(results: pd.DataFrame, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(leaderboard_module, "BOOTSTRAP_RESAMPLES", 100)
+    monkeypatch.setattr(ranks_module, "BOOTSTRAP_RESAMPLES", 100)
     first, second = (
         build_leaderboard(results, ReportedAccuracy(results_dir=cache, offline=True), measures=("trace",)).correlations
         for _ in range(2)
