@@ -205,7 +205,7 @@ def check_paths(options: DataOptions) -> None:
         if value is None:
             continue
         path = Path(value).expanduser()
-        # As flatscan.data reads a dataset: a path when it exists or is written as one, else a Hub id (owner/name).
+        # As flatscan.io.data reads a dataset: a path when it exists or is written as one, else a Hub id (owner/name).
         if not path.is_absolute() and (what == "class map" or path.exists() or str(value).startswith(".")):
             raise FlatscanError(
                 f"{what} {value} is a relative path, which Ray workers resolve in their own directory: give it as "

@@ -84,7 +84,7 @@ def build_transformers(
                 f"the weights in {directory} do not fit {arch}: {'; '.join(problems)}; check that they were saved "
                 "from it"
             )
-    # timm's place for a model's preprocessing, which flatscan.data resolves (timm.data.resolve_model_data_config).
+    # timm's place for a model's preprocessing, which flatscan.io.data resolves (timm.data.resolve_model_data_config).
     model.pretrained_cfg = {"architecture": arch, "num_classes": model.config.num_labels}
     if processor is not None:
         model.pretrained_cfg |= _processor_data_config(processor, where)

@@ -1,11 +1,11 @@
 """Does relative flatness predict generalisation? Measures of a trained zoo, rank-correlated with its generalisation.
 
-For every model of a zoo (:mod:`flatscan.zoo`) the study measures, on the model's own training set (the subset and
-noisy labels it was trained on) and on the test split:
+For every model of a zoo (:mod:`flatscan.research.zoo`) the study measures, on the model's own training set (the
+subset and noisy labels it was trained on) and on the test split:
 
 - flatscan's exact measures of the feature layer: relative flatness kappa and Tr(H), and the classifier layer's
   kappa_W (:func:`flatscan.scan`);
-- baselines (:mod:`flatscan.baselines`) on the training set: a Hutchinson estimate of the full-network Hessian
+- baselines (:mod:`flatscan.research.baselines`) on the training set: a Hutchinson estimate of the full-network Hessian
   trace, the sum of squared weights, the log product of spectral norms, Jiang et al.'s sharpness 1/sigma^2 and
   WeightWatcher's alpha_weighted.
 
@@ -219,8 +219,8 @@ def _measure(
 
 
 def _check_reconstruction(entry: ZooModel, row: Mapping[str, Any]) -> None:
-    """Refuse to go on when the training set rebuilt here (:func:`flatscan.zoo.training_set`) is not the one the
-    zoo trained on."""
+    """Refuse to go on when the training set rebuilt here (:func:`flatscan.research.zoo.training_set`) is not the one
+    the zoo trained on."""
     # Batch sizes differ from the zoo's evaluation: logits may differ in the last bits, flipping a near tie.
     accuracy_ok = abs(row["scanned_train_accuracy"] - entry.train_accuracy) <= 2.5 / entry.n_train
     loss_ok = abs(row["scanned_train_loss"] - entry.train_loss) <= 1e-4 * (1 + abs(entry.train_loss))

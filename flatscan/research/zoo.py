@@ -16,7 +16,7 @@ All keep an output stride of 8, so the feature layer sees ``img_size / 8`` pixel
 seeded sample of a hyperparameter grid; the same spec gives the same zoo, bit for bit on one machine: each model
 is trained single-process on CPU with ``torch.use_deterministic_algorithms``, a fixed number of threads and its own
 seed (initialisation, data subset, label noise, batch order, augmentation, dropout). Training reads the data through
-:func:`flatscan.data.open_eval_data` in the models' own preprocessing, so any source flatscan evaluates on (digits,
+:func:`flatscan.io.data.open_eval_data` in the models' own preprocessing, so any source flatscan evaluates on (digits,
 a Hugging Face dataset, an image folder, parquet files) can train a zoo; it is held in memory.
 """
 

@@ -1,5 +1,6 @@
-"""flatscan.org: listing an organisation (paged, filtered, offline from the cache) and auditing it into the results
-store: statuses and reasons, numbers equal to a direct scan, resume (also after SIGKILL), force, pattern, limit."""
+"""flatscan.audit.org: listing an organisation (paged, filtered, offline from the cache) and auditing it into the
+results store: statuses and reasons, numbers equal to a direct scan, resume (also after SIGKILL), force, pattern,
+limit."""
 
 from __future__ import annotations
 

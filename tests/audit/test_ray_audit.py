@@ -1,6 +1,6 @@
-"""flatscan.ray_audit on a local Ray cluster (2 CPUs, started once for the module): the rows equal the single-process
-audit's, progress streams from the workers, a task whose worker dies is retried and then recorded as failed, a driver
-killed mid-audit resumes from the store, `flatscan org --ray`, and a clear error without Ray."""
+"""flatscan.audit.ray_audit on a local Ray cluster (2 CPUs, started once for the module): the rows equal the
+single-process audit's, progress streams from the workers, a task whose worker dies is retried and then recorded as
+failed, a driver killed mid-audit resumes from the store, `flatscan org --ray`, and a clear error without Ray."""
 
 from __future__ import annotations
 

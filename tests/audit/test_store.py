@@ -35,7 +35,7 @@ def _key(model: str = "timm/resnet50.a1_in1k", revision: str | None = "abc123", 
 
 
 def _record(trace: float = 1.5) -> dict[str, object]:
-    """A row as flatscan.cli._record builds it, plus one key the store does not know."""
+    """A row as flatscan.audit.run.result_record builds it, plus one key the store does not know."""
     return {
         "model": "timm/resnet50.a1_in1k",
         "revision": "abc123",

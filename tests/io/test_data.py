@@ -1,4 +1,4 @@
-"""flatscan.data: sources, splits, columns, label mapping, preprocessing and errors, all on local data."""
+"""flatscan.io.data: sources, splits, columns, label mapping, preprocessing and errors, all on local data."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""flatscan.models: every model source, its errors, offline mode and the Hub revision, against a loopback Hub."""
+"""flatscan.io.models: every model source, its errors, offline mode and the Hub revision, against a loopback Hub."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""flatscan.zoo: a seeded spec trains the same weights twice; each saved folder loads with flatscan and timm alone,
-is described by an adapter and carries its test accuracy in its card; a zoo is an organisation for `flatscan org`
-(one store row per model folder, skipped unloaded when unchanged); `flatscan demo` ranks a tiny zoo."""
+"""flatscan.research.zoo: a seeded spec trains the same weights twice; each saved folder loads with flatscan and timm
+alone, is described by an adapter and carries its test accuracy in its card; a zoo is an organisation for `flatscan
+org` (one store row per model folder, skipped unloaded when unchanged); `flatscan demo` ranks a tiny zoo."""
 
 from __future__ import annotations
 
