@@ -35,8 +35,8 @@ from transformers import (
 )
 
 import flatscan
-from flatscan.data import DataOptions, open_eval_data
-from flatscan.models import ModelLoadError, load_model
+from flatscan.io.data import DataOptions, open_eval_data
+from flatscan.io.models import ModelLoadError, load_model
 
 CLASSES = 5
 SIZE = 40

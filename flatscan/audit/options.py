@@ -1,0 +1,32 @@
+"""What an audit runs with, one object for `flatscan model`, `flatscan org` and the Ray audit: the data options,
+the device and the scan settings. Imports nothing heavy (the CLI reads its defaults at start-up)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from flatscan.io.data import DataOptions
+
+# Ray's `memory` is a scheduling hint, not a limit: room for a typical timm model, its data loaders and a batch.
+DEFAULT_MEMORY_GB = 4.0
+DEFAULT_RETRIES = 3  # Ray's own default for tasks
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """One audit's settings: ``data`` (opened per model, in its own preprocessing), ``num_samples`` (stop after this
+    many images), ``device`` (as ``flatscan.scan`` takes it; the Ray audit resolves it in the worker), ``amp``,
+    ``trace_only``, ``channels_last``, ``offline`` (the local cache only) and ``force`` (redo models the store has)."""
+
+    data: DataOptions
+    num_samples: int | None = None
+    device: str | torch.device | None = None
+    amp: bool = False
+    trace_only: bool = False
+    channels_last: bool = False
+    offline: bool = False
+    force: bool = False
