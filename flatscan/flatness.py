@@ -239,6 +239,27 @@ class HeadDerivatives:
         mean_row = (self.probs @ self.weight.double()).to(dtype)  # W^T p
         return self.probs.sqrt().to(dtype).unsqueeze(-1) * (self.weight.to(dtype) - mean_row.unsqueeze(1))
 
+    def factor(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Rows V_j and signs w_j with B = sum_j w_j V_j^T V_j: (N, J, C) and (N, J).
+
+        A linear head has J = classes and w = 1 (V as in :meth:`contract`); a general head's B is split by
+        its eigendecomposition (J = C).
+        """
+        if self.hessian is None:
+            rows = self._factor(dtype)
+            return rows, rows.new_ones(rows.shape[:2])
+        values, vectors = torch.linalg.eigh(self.hessian.double())
+        rows = (values.abs().sqrt()[..., None] * vectors.transpose(1, 2)).to(dtype)
+        return rows, values.sign().to(dtype)
+
+    def take(self, sample: int) -> HeadDerivatives:
+        """The derivatives of one sample, as a batch of one."""
+        part = slice(sample, sample + 1)
+        if self.hessian is not None:
+            return HeadDerivatives(self.grad[part], hessian=self.hessian[part])
+        assert self.probs is not None
+        return HeadDerivatives(self.grad[part], probs=self.probs[part], weight=self.weight)
+
     def apply(self, x: Tensor) -> Tensor:
         """B @ x per sample for ``x`` (N, C, A); a linear head goes through V^T (V x), never forming B."""
         if self.hessian is not None:
@@ -481,3 +502,122 @@ def coupled_terms(
     local = head.grad.to(second.dtype) * ((second * scale) @ patch_sqnorms[..., None])[..., 0]
     local = local + (lam.view(n, channels, moments).transpose(1, 2) * psi_curv[..., 0]).sum(1)
     return CoupledTerms(slope_gram, quad + 2 * cross, local, head)
+
+
+# LayerNorm across channels at every position (LayerNorm2d, channel LayerNorm) after the feature layer:
+#
+#     xhat_p = (y_p - mean_c y_p) / r_p,  r_p = sqrt(var_c y_p + eps);  v = gamma * xhat + beta;  h = mean_p sigma(v)
+#
+# Per position, dv_p/dy_p = diag(gamma) Pi_p / r_p with Pi = I - (1 1^T + xhat xhat^T) / C, so with d = sigma' gamma / r
+# and the rows V_j of B = sum_j w_j V_j^T V_j, the loss Hessian contracted with Qy (x) G is (Qy 1 = q, m = q^T xhat,
+# R = xhat^T Qy xhat, all per position; coefficients carry the 1/L of the mean):
+#
+#     sum_j w_j [ sum_cc' Qy_cc' V_jc V_jc' (d G d^T)_cc'                                                   (X1 X1)
+#               + q^T 1 / C^2  alpha_j G alpha_j^T  +  1 / C^2  beta_j (G o R) beta_j^T                     (X2 X2, X3 X3)
+#               - 2 / C  sum_c V_jc (q_c (d G alpha_j^T)_c + (((d G) o (Qy xhat)) beta_j^T)_c)              (X1 X2, X1 X3)
+#               + 2 / C^2  alpha_j G (beta_j o m)^T ]                                                      (X2 X3)
+#     + sum_p G_pp / L  sum_k [ e_k sigma''_kp gamma_k^2 / r_p^2  diag(Pi Qy Pi)_kp  +  e_k sigma'_kp gamma_k t_kp ]
+#
+# with alpha_j = V_j d, beta_j = V_j (d o xhat), and t_kp = <Qy, Hess_y xhat_kp> =
+# -(2 (Qy xhat)_k + xhat_k Tr Qy - 2 m / C - xhat_k q^T 1 / C - 3 xhat_k R_pp / C) / (C r_p^2).
+
+
+@dataclass(frozen=True)
+class ChannelNormTerms:
+    """Per-sample pieces of <Hess_y loss, Qy (x) G> for a LayerNorm across channels after the feature layer."""
+
+    xhat: Tensor  # (N, C, L)
+    rstd: Tensor  # 1 / r_p, (N, L)
+    slope: Tensor  # d = sigma' gamma / (r L), (N, C, L)
+    curv: Tensor  # e_k sigma''_kp gamma_k^2 / r_p^2 (N, C, L)
+    grad_curv: Tensor  # e_k sigma'_kp gamma_k (N, C, L)
+    patch_gram: Tensor  # G (N, L, L)
+    head: HeadDerivatives
+
+    def contract(self, channel_weight: Tensor) -> Tensor:
+        """<Hess_y loss, Qy (x) G> per sample, float64, for a symmetric ``channel_weight`` Qy (C, C)."""
+        xhat, d, gram = self.xhat, self.slope, self.patch_gram
+        channels, positions = xhat.shape[1], xhat.shape[2]
+        qx = channel_weight @ xhat  # (N, C, L)
+        q = channel_weight.sum(1)  # Qy 1
+        q11 = q.sum()
+        m = torch.einsum("c,ncl->nl", q, xhat)
+        r = xhat.transpose(1, 2) @ qx  # (N, L, L)
+        dg = d @ gram
+        rows, signs = self.head.factor(d.dtype)  # (N, J, C), (N, J)
+        alpha, beta = rows @ d, rows @ (d * xhat)  # (N, J, L)
+        paired = self.head.contract(channel_weight * (dg @ d.transpose(1, 2)))
+        quad = (
+            q11 * ((alpha @ gram) * alpha).sum(-1)
+            + ((beta @ (gram * r)) * beta).sum(-1)
+            + 2 * ((alpha @ gram) * beta * m[:, None, :]).sum(-1)
+        ) / channels**2
+        mixed = (rows.transpose(1, 2) * (q[:, None] * (dg @ alpha.transpose(1, 2)))).sum(1)
+        mixed = mixed + (rows.transpose(1, 2) * ((dg * qx) @ beta.transpose(1, 2))).sum(1)
+        classes = (signs * (quad - 2 / channels * mixed)).sum(1, dtype=torch.float64)
+        diag_pqp = (
+            channel_weight.diagonal()[:, None]
+            - 2 / channels * (q[:, None] + xhat * qx)
+            + (q11 + 2 * xhat * m[:, None, :] + xhat.square() * r.diagonal(dim1=1, dim2=2)[:, None, :]) / channels**2
+        )
+        rstd2 = self.rstd.square()[:, None, :]
+        hess_xhat = -(
+            2 * qx
+            + xhat * channel_weight.trace()
+            - 2 / channels * m[:, None, :]
+            - xhat * q11 / channels
+            - 3 * xhat * r.diagonal(dim1=1, dim2=2)[:, None, :] / channels
+        ) * (rstd2 / channels)
+        local = (self.curv * diag_pqp + self.grad_curv * hess_xhat) * (gram.diagonal(dim1=1, dim2=2)[:, None, :] / positions)
+        return paired + classes + local.sum((1, 2), dtype=torch.float64)
+
+    def trace(self, channel_scale: Tensor) -> Tensor:
+        """Tr(H) per sample, float64."""
+        return self.contract(torch.diag(channel_scale.square()))
+
+    def block_traces(self, channel_scale: Tensor) -> Tensor:
+        """Tr(H_cc') per sample (N, C, C), float64: the gradient of the linear map Qy -> contract(Qy); for checks."""
+        weight = torch.zeros(channel_scale.shape[0], channel_scale.shape[0], dtype=self.xhat.dtype)
+        blocks = []
+        for sample in range(self.xhat.shape[0]):
+            one = ChannelNormTerms(*(t[sample : sample + 1] for t in self._tensors()), self.head.take(sample))
+            with torch.enable_grad():
+                weight.requires_grad_(True)
+                (grad,) = torch.autograd.grad(one.contract(weight).sum(), weight)
+                weight.requires_grad_(False)
+            blocks.append(0.5 * (grad + grad.T))
+        scale = channel_scale.double()
+        return torch.stack(blocks).double() * scale[:, None] * scale[None, :]
+
+    def _tensors(self) -> tuple[Tensor, ...]:
+        return self.xhat, self.rstd, self.slope, self.curv, self.grad_curv, self.patch_gram
+
+
+def channel_norm_terms(
+    norm_input: Tensor,
+    pre_activation: Tensor,
+    patches: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    outer: Activation,
+    head: HeadDerivatives,
+) -> ChannelNormTerms:
+    """The pieces of a channel LayerNorm tail (formulas in the comment above); ``norm_input`` y and
+    ``pre_activation`` v = LayerNorm(y) are (N, C, L), ``patches`` (N, 1, D, L), ``weight`` the norm's gamma."""
+    positions = norm_input.shape[-1]
+    mean = norm_input.mean(1, keepdim=True)
+    rstd = torch.rsqrt(norm_input.var(1, unbiased=False, keepdim=True) + eps)
+    xhat = (norm_input - mean) * rstd
+    gamma = torch.ones_like(xhat[0, :, :1]) if weight is None else weight.to(xhat.dtype)[:, None]
+    sig1, sig2 = outer.derivatives(pre_activation)
+    grad = head.grad.to(xhat.dtype)[..., None]
+    p = patches[:, 0]
+    return ChannelNormTerms(
+        xhat=xhat,
+        rstd=rstd[:, 0],
+        slope=sig1 * gamma * rstd / positions,
+        curv=grad * sig2 * gamma.square() * rstd.square(),
+        grad_curv=grad * sig1 * gamma,
+        patch_gram=p.transpose(1, 2) @ p,
+        head=head,
+    )
