@@ -16,12 +16,13 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.layers import Conv2dSame, pad_same
 from timm.layers.conv2d_same import Conv2dSameExport
 from torch import Tensor, nn
 
 from flatscan import flatness
-from flatscan.contract import NormalisedHead, Tap
+from flatscan.contract import ChannelNorm, NormalisedHead, Tap
 from flatscan.errors import UnsupportedModel
 
 
@@ -154,22 +155,37 @@ def check_normalisation(
 
 
 def check_coupling(head: NormalisedHead, tapped: dict[str, Tensor], tap_dtype: torch.dtype) -> None:
-    """Refuse a model whose gate or norm the coupling's ``affine`` function does not reproduce (alpha * w + beta)."""
+    """Refuse a model whose gate or norm the coupling does not reproduce (alpha * w + beta, or the LayerNorm)."""
     coupling = head.coupling
     if coupling is None:
         return
-    inner = coupling.inner_activation(tapped["inner_input"].flatten(2))
-    stats = torch.stack([inner.mean(-1), inner.square().mean(-1)][: coupling.moments], -1)
-    alpha, beta = coupling.affine(stats)
-    expected = alpha[..., None] * inner + beta[..., None]
-    got = tapped["affine_output" if coupling.affine_output is not None else "pre_activation"].flatten(2)
+    inputs = tapped["inner_input"].flatten(2)
+    if isinstance(coupling, ChannelNorm):
+        expected = channel_layer_norm_of(coupling, inputs)
+        got, where = tapped["pre_activation"].flatten(2), head.pre_activation.module
+    else:
+        inner = coupling.inner_activation(inputs)
+        stats = torch.stack([inner.mean(-1), inner.square().mean(-1)][: coupling.moments], -1)
+        alpha, beta = coupling.affine(stats)
+        expected = alpha[..., None] * inner + beta[..., None]
+        got = tapped["affine_output" if coupling.affine_output is not None else "pre_activation"].flatten(2)
+        where = (coupling.affine_output or head.pre_activation).module
     tolerance = min(1e3 * torch.finfo(tap_dtype).eps, 2e-2)
     if expected.shape != got.shape or (expected - got).abs().max() > tolerance * (1 + got.abs().max()):
-        where = (coupling.affine_output or head.pre_activation).module
         raise UnsupportedModel(
-            f"the {coupling.label} read at {where} is not alpha(u) * w + beta(u) of the pooled statistics of "
-            f"{coupling.inner_input.module}: the {head.family} adapter's description of the tail is wrong"
+            f"the {coupling.label} read at {where} is not what the {head.family} adapter's description of the tail "
+            "computes from the feature layer's output: the adapter is wrong about this model"
         )
+
+
+def channel_layer_norm_of(norm: ChannelNorm, inputs: Tensor) -> Tensor:
+    """The LayerNorm across channels of ``inputs`` (N, C, L)."""
+    out = F.layer_norm(inputs.transpose(1, 2), inputs.shape[1:2], eps=norm.eps)
+    if norm.weight is not None:
+        out = out * norm.weight.to(out)
+    if norm.bias is not None:
+        out = out + norm.bias.to(out)
+    return out.transpose(1, 2)
 
 
 def prepare_tapped(
@@ -179,7 +195,10 @@ def prepare_tapped(
     tapped = {key: value.to(dtype) for key, value in tapped.items()}
     if head.pre_activation.channels_last:
         tapped["pre_activation"] = tapped["pre_activation"].movedim(-1, 1)
-    for key in ("pre_activation", *coupling_taps(head)):
+    taps = {"pre_activation": head.pre_activation, **coupling_taps(head)}
+    for key, tap in taps.items():
+        if tap.channels_last and key != "pre_activation":
+            tapped[key] = tapped[key].movedim(-1, 1)
         tapped[key] = tapped[key][:, head.channels]
     return tapped, logits.to(dtype)
 
@@ -213,6 +232,8 @@ def coupling_taps(head: NormalisedHead) -> dict[str, Tap]:
     """The coupling's taps: y before the pooled statistics, and alpha * w + beta when it is read apart from v."""
     if head.coupling is None:
         return {}
+    if isinstance(head.coupling, ChannelNorm):
+        return {"inner_input": head.coupling.norm_input}
     taps = {"inner_input": head.coupling.inner_input}
     if head.coupling.affine_output is not None:
         taps["affine_output"] = head.coupling.affine_output
@@ -248,7 +269,7 @@ class Terms:
 class CoupledSampleTerms:
     """Per-sample ingredients of a tail coupled through pooled statistics (:class:`flatness.CoupledTerms`)."""
 
-    terms: flatness.CoupledTerms
+    terms: flatness.CoupledTerms | flatness.ChannelNormTerms
 
     def trace(self, channel_scale: Tensor) -> Tensor:
         return self.terms.trace(channel_scale)
@@ -276,6 +297,19 @@ def sample_terms(
     else:
         derivatives = flatness.head_derivatives(head.head_fn, tapped["pooled"].flatten(1), labels)
     derivatives = derivatives.select(head.channels)
+    if isinstance(head.coupling, ChannelNorm):
+        norm = head.coupling
+        return CoupledSampleTerms(
+            flatness.channel_norm_terms(
+                tapped["inner_input"].flatten(2),
+                pre_activation,
+                patches,
+                norm.weight,
+                norm.eps,
+                head.activation,
+                derivatives,
+            )
+        )
     if head.coupling is not None:
         coupling = head.coupling
         terms = flatness.coupled_terms(

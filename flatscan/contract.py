@@ -74,7 +74,7 @@ class NormalisedHead:
     classifier: str
     head_fn: Callable[[Tensor], Tensor] | None = None
     channels: slice = field(default_factory=lambda: slice(None))
-    coupling: PooledCoupling | None = None
+    coupling: PooledCoupling | ChannelNorm | None = None
     family: str = ""  # set by the registry (flatscan.describe) to the family the adapter was registered under
 
     @property
@@ -533,4 +533,35 @@ def group_norm(model: nn.Module, norm: str, inner_input: Tap | None = None) -> P
         label=f"GroupNorm({groups})",
         moments=2,
         modules=(norm,),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelNorm:
+    """A LayerNorm across channels at every position after the feature layer (timm's LayerNorm2d, a channels-last
+    nn.LayerNorm, LayerNormAct2d): the pre-activation is ``v = weight * (y - mean_c y) / sqrt(var_c y + eps) + bias``
+    with ``y = channel_scale * z + shift + r`` read at ``norm_input``."""
+
+    norm_input: Tap
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+    label: str
+    modules: tuple[str, ...] = ()
+
+
+def channel_layer_norm(model: nn.Module, name: str) -> ChannelNorm:
+    """The :class:`ChannelNorm` of the LayerNorm ``name`` over the channels of the feature map (read at its input)."""
+    norm = submodule(model, name)
+    if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+        raise UnsupportedModel(f"{name} is {type(norm).__name__}, not a LayerNorm over the channels")
+    channels_last = type(norm) is nn.LayerNorm  # timm's LayerNorm2d / LayerNormAct2d take (N, C, H, W)
+    weight = None if norm.weight is None else norm.weight.detach()
+    bias = None if norm.bias is None else norm.bias.detach()
+    return ChannelNorm(
+        norm_input=Tap(name, "input", channels_last=channels_last),
+        weight=weight,
+        bias=bias,
+        eps=norm.eps,
+        label=f"{type(norm).__name__} across channels",
     )

@@ -512,10 +512,10 @@ def coupled_terms(
 # and the rows V_j of B = sum_j w_j V_j^T V_j, the loss Hessian contracted with Qy (x) G is (Qy 1 = q, m = q^T xhat,
 # R = xhat^T Qy xhat, all per position; coefficients carry the 1/L of the mean):
 #
-#     sum_j w_j [ sum_cc' Qy_cc' V_jc V_jc' (d G d^T)_cc'                                                   (X1 X1)
-#               + q^T 1 / C^2  alpha_j G alpha_j^T  +  1 / C^2  beta_j (G o R) beta_j^T                     (X2 X2, X3 X3)
-#               - 2 / C  sum_c V_jc (q_c (d G alpha_j^T)_c + (((d G) o (Qy xhat)) beta_j^T)_c)              (X1 X2, X1 X3)
-#               + 2 / C^2  alpha_j G (beta_j o m)^T ]                                                      (X2 X3)
+#     sum_j w_j [ sum_cc' Qy_cc' V_jc V_jc' (d G d^T)_cc'                                              (X1 X1)
+#               + q^T 1 / C^2  alpha_j G alpha_j^T  +  1 / C^2  beta_j (G o R) beta_j^T                (X2 X2, X3 X3)
+#               - 2 / C  sum_c V_jc (q_c (d G alpha_j^T)_c + (((d G) o (Qy xhat)) beta_j^T)_c)         (X1 X2, X1 X3)
+#               + 2 / C^2  alpha_j G (beta_j o m)^T ]                                                 (X2 X3)
 #     + sum_p G_pp / L  sum_k [ e_k sigma''_kp gamma_k^2 / r_p^2  diag(Pi Qy Pi)_kp  +  e_k sigma'_kp gamma_k t_kp ]
 #
 # with alpha_j = V_j d, beta_j = V_j (d o xhat), and t_kp = <Qy, Hess_y xhat_kp> =
@@ -568,7 +568,9 @@ class ChannelNormTerms:
             - xhat * q11 / channels
             - 3 * xhat * r.diagonal(dim1=1, dim2=2)[:, None, :] / channels
         ) * (rstd2 / channels)
-        local = (self.curv * diag_pqp + self.grad_curv * hess_xhat) * (gram.diagonal(dim1=1, dim2=2)[:, None, :] / positions)
+        local = (self.curv * diag_pqp + self.grad_curv * hess_xhat) * (
+            gram.diagonal(dim1=1, dim2=2)[:, None, :] / positions
+        )
         return paired + classes + local.sum((1, 2), dtype=torch.float64)
 
     def trace(self, channel_scale: Tensor) -> Tensor:
@@ -608,7 +610,7 @@ def channel_norm_terms(
     mean = norm_input.mean(1, keepdim=True)
     rstd = torch.rsqrt(norm_input.var(1, unbiased=False, keepdim=True) + eps)
     xhat = (norm_input - mean) * rstd
-    gamma = torch.ones_like(xhat[0, :, :1]) if weight is None else weight.to(xhat.dtype)[:, None]
+    gamma = torch.ones_like(xhat[0, :, :1]) if weight is None else weight.to(xhat)[:, None]
     sig1, sig2 = outer.derivatives(pre_activation)
     grad = head.grad.to(xhat.dtype)[..., None]
     p = patches[:, 0]

@@ -139,7 +139,7 @@ def test_gate_the_adapter_misreads_is_refused() -> None:
     model = prepare(tiny_resnet(block_args={"attn_layer": "se"}))
     gate = model.layer4[1].se
     gate.forward = lambda x: 2 * SEModule.forward(gate, x)  # no longer the gate the adapter describes
-    with pytest.raises(flatscan.UnsupportedModel, match="description of the tail is wrong"):
+    with pytest.raises(flatscan.UnsupportedModel, match="the adapter is wrong about this model"):
         flatscan.scan(model, [images_and_labels(size=32)], device="cpu")
 
 
