@@ -1,24 +1,40 @@
-"""timm Sequencer2d: refused, its final LayerNorm normalises every position across channels before the pool."""
+"""timm Sequencer2d: the last block's mlp_channels.fc2 (Linear on channels-last maps), + shortcut, then the final
+LayerNorm across channels at every position (:class:`flatscan.contract.ChannelNorm`), the pool and the Linear fc."""
 
 from __future__ import annotations
 
-from timm.models.sequencer import Sequencer2d
+from dataclasses import replace
+
+from timm.models.sequencer import Sequencer2d, Sequencer2dBlock
 from torch import nn
 
-from flatscan.contract import NormalisedHead
+from flatscan.contract import (
+    NormalisedHead,
+    Tap,
+    channel_layer_norm,
+    layer_scaled_residual_head,
+    require_average_pool,
+    submodule,
+)
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
 
 
 @register("sequencer", Sequencer2d)
 def describe_sequencer(model: Sequencer2d) -> NormalisedHead:
-    if not isinstance(model.norm, nn.Identity):
-        raise UnsupportedModel(
-            f"norm ({type(model.norm).__name__}) normalises the last stage's output across channels at every "
-            "position, with statistics of each sample: not a per-channel affine map between the feature layer "
-            "and the pool"
-        )
-    raise UnsupportedModel(
-        "Sequencer2d keeps its feature maps channels-last (N, H, W, C) up to the pool; flatscan reads the "
-        "pre-activation only from channel-first (N, C, H, W) module outputs, so it cannot tap this model"
+    require_average_pool(submodule(model, "head.global_pool"), "head.global_pool")
+    block_name = f"stages.{len(model.stages) - 1}.blocks.{len(model.stages[-1].blocks) - 1}"
+    block = submodule(model, block_name)
+    if not isinstance(block, Sequencer2dBlock) or not isinstance(block.drop_path, nn.Identity):
+        raise UnsupportedModel(f"{block_name} is not a Sequencer2dBlock in eval form: not the layout it knows")
+    # The maps stay channels-last (N, H, W, C) up to the head's pool: every tap reads them channels-last.
+    final_norm = None if isinstance(model.norm, nn.Identity) else channel_layer_norm(model, "norm")
+    head = layer_scaled_residual_head(
+        model,
+        feature_layer=f"{block_name}.mlp_channels.fc2",
+        layer_scale=None,
+        pre_activation=Tap(block_name if final_norm is None else "norm", "output", channels_last=True),
+        pooled=Tap("head.fc", "input"),
+        classifier="head.fc",
     )
+    return replace(head, coupling=final_norm)
