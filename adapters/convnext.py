@@ -1,4 +1,8 @@
-"""timm ConvNeXt(-V2): last block's mlp.fc2 and layer scale, + shortcut; GAP -> LayerNorm -> Linear."""
+"""timm ConvNeXt(-V2): last block's mlp.fc2 and layer scale, + shortcut; GAP -> LayerNorm -> Linear.
+
+head_norm_first models (convnext_*_hnf) normalise across channels before the pool instead (norm_pre, LayerNorm2d),
+then GAP -> Linear: exact through :class:`flatscan.contract.ChannelNorm`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from timm.layers import NormMlpClassifierHead
 from timm.models.convnext import ConvNeXt
 from torch import Tensor, nn
 
-from flatscan.contract import NormalisedHead, Tap, require_average_pool, require_linear
+from flatscan.contract import NormalisedHead, Tap, channel_layer_norm, require_average_pool, require_linear
 from flatscan.errors import UnsupportedModel
 from flatscan.flatness import Activation
 from flatscan.registry import register
@@ -22,21 +26,26 @@ def _head_logits(head: NormMlpClassifierHead, pooled: Tensor) -> Tensor:
 
 @register("convnext", ConvNeXt)
 def describe_convnext(model: ConvNeXt) -> NormalisedHead:
-    if not isinstance(model.norm_pre, nn.Identity):
-        raise UnsupportedModel(
-            "norm_pre normalises across channels at every position before the pool (head_norm_first): "
-            "not a per-channel affine map"
-        )
-    head = model.head
-    if not isinstance(head, NormMlpClassifierHead):
-        raise UnsupportedModel(f"head is {type(head).__name__}, not timm's NormMlpClassifierHead")
-    require_average_pool(head.global_pool, "head.global_pool")
-    require_linear(head.fc, "head.fc")
     block_name = f"stages.{len(model.stages) - 1}.blocks.{len(model.stages[-1].blocks) - 1}"
     block = model.stages[-1].blocks[-1]
     fc2 = block.mlp.fc2
     # The layer scale gamma is the per-channel scale; without one the scale is 1.
     scale = block.gamma.detach() if block.gamma is not None else fc2.weight.new_ones(fc2.weight.shape[0])
+    head = model.head
+    require_average_pool(head.global_pool, "head.global_pool")
+    require_linear(head.fc, "head.fc")
+    if not isinstance(model.norm_pre, nn.Identity):  # head_norm_first: LayerNorm2d -> GAP -> Linear
+        return NormalisedHead(
+            feature_layer=f"{block_name}.mlp.fc2",
+            pre_activation=Tap("norm_pre", "output"),
+            pooled=Tap("head.fc", "input"),
+            channel_scale=scale,
+            activation=Activation("identity"),
+            classifier="head.fc",
+            coupling=channel_layer_norm(model, "norm_pre"),
+        )
+    if not isinstance(head, NormMlpClassifierHead):
+        raise UnsupportedModel(f"head is {type(head).__name__}, not timm's NormMlpClassifierHead")
     return NormalisedHead(
         feature_layer=f"{block_name}.mlp.fc2",
         pre_activation=Tap(block_name, "output"),

@@ -47,6 +47,10 @@ MODELS = {
     "convnext_head_mlp": lambda: timm.create_model(
         "test_convnext", num_classes=CLASSES, dims=(8, 8, 8, 16), depths=(1, 1, 1, 1), head_hidden_size=12
     ),
+    # head_norm_first (convnext_*_hnf): norm_pre, a LayerNorm2d across channels, before GAP -> Linear.
+    "convnext_head_norm_first": lambda: timm.create_model(
+        "test_convnext", num_classes=CLASSES, dims=(8, 8, 8, 16), depths=(1, 1, 1, 1), head_norm_first=True
+    ),
 }
 
 FAMILIES = {
@@ -58,6 +62,7 @@ FAMILIES = {
     "efficientnet_hardswish": "efficientnet",
     "convnext": "convnext",
     "convnext_conv_mlp": "convnext",
+    "convnext_head_norm_first": "convnext",
     "convnext_head_mlp": "convnext",
 }
 
@@ -94,18 +99,9 @@ def test_resnet_kappa_invariant_under_bn_rescaling() -> None:
 
 
 REFUSALS = {
-    "se_after_feature_conv": (
-        partial(timm.create_model, "test_resnet", block_args=dict(attn_layer="se")),
-        "gates the feature layer's output",
-    ),
-    "eca_after_feature_conv": (
-        partial(timm.create_model, "test_resnet", block_args=dict(attn_layer="eca")),
-        "gates the feature layer's output",
-    ),
     "max_pool": (partial(timm.create_model, "test_resnet", global_pool="max"), "not a global average"),
     "no_classifier": (partial(timm.create_model, "test_resnet", num_classes=0), "not a Linear classifier"),
-    "group_norm_head": (partial(timm.create_model, "test_efficientnet_gn"), "not BatchNorm"),
-    "norm_before_pool": (partial(timm.create_model, "test_convnext", head_norm_first=True), "before the pool"),
+    # SE / ECA gates, GroupNorm heads and head_norm_first are measured exactly now (test_coupled_tails.py).
     "no_adapter": (partial(timm.create_model, "test_vit"), "no adapter for VisionTransformer"),
 }
 
