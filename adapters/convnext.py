@@ -32,11 +32,11 @@ def describe_convnext(model: ConvNeXt) -> NormalisedHead:
         raise UnsupportedModel(f"head is {type(head).__name__}, not timm's NormMlpClassifierHead")
     require_average_pool(head.global_pool, "head.global_pool")
     require_linear(head.fc, "head.fc")
-    block_name = f"stages.{len(model.stages) - 1}.blocks.{len(model.stages[-1].blocks) - 1}"
-    block = model.stages[-1].blocks[-1]
-    fc2 = block.mlp.fc2
+    block_name = f"stages.{len(model.stages) - 1}.blocks.{len(model.stages[-1].blocks) - 1}"  # type: ignore[arg-type]
+    block = model.stages[-1].blocks[-1]  # type: ignore[index]
+    fc2 = block.mlp.fc2  # type: ignore[union-attr]
     # The layer scale gamma is the per-channel scale; without one the scale is 1.
-    scale = block.gamma.detach() if block.gamma is not None else fc2.weight.new_ones(fc2.weight.shape[0])
+    scale = block.gamma.detach() if block.gamma is not None else fc2.weight.new_ones(fc2.weight.shape[0])  # type: ignore[union-attr]
     return NormalisedHead(
         feature_layer=f"{block_name}.mlp.fc2",
         pre_activation=Tap(block_name, "output"),
