@@ -7,6 +7,8 @@ for deployment. Only the fused block is measured: its kernel is the one the depl
 
 from __future__ import annotations
 
+from typing import Any
+
 from timm.layers import ClassifierHead, ConvNormAct
 from timm.models.byobnet import (
     BasicBlock,
@@ -49,7 +51,7 @@ def describe_byobnet(model: ByobNet) -> NormalisedHead:
             f"head is {type(model.head).__name__}, not timm's ClassifierHead (global average pool -> Linear): "
             "attention pooling or a normalised MLP head is outside the class"
         )
-    head = {"pool": "head.global_pool", "classifier": "head.fc"}
+    head: dict[str, Any] = {"pool": "head.global_pool", "classifier": "head.fc"}
     if isinstance(model.final_conv, ConvNormAct):
         # num_features set (GENet, RegNetZ, ResNet33ts, ...): a 1x1 ConvNormAct after the last stage.
         conv, norm, act = conv_norm_act(model, "final_conv")

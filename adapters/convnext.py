@@ -7,6 +7,7 @@ then GAP -> Linear: exact through :class:`flatscan.contract.ChannelNorm`.
 from __future__ import annotations
 
 from functools import partial
+from typing import cast
 
 from timm.layers import NormMlpClassifierHead
 from timm.models.convnext import ConvNeXt
@@ -26,11 +27,12 @@ def _head_logits(head: NormMlpClassifierHead, pooled: Tensor) -> Tensor:
 
 @register("convnext", ConvNeXt)
 def describe_convnext(model: ConvNeXt) -> NormalisedHead:
-    block_name = f"stages.{len(model.stages) - 1}.blocks.{len(model.stages[-1].blocks) - 1}"
-    block = model.stages[-1].blocks[-1]
-    fc2 = block.mlp.fc2
+    stage = cast(nn.Sequential, model.stages)[-1]
+    block_name = f"stages.{len(model.stages) - 1}.blocks.{len(stage.blocks) - 1}"  # type: ignore[arg-type]
+    block = stage.blocks[-1]  # type: ignore[index]
+    fc2 = block.mlp.fc2  # type: ignore[union-attr]
     # The layer scale gamma is the per-channel scale; without one the scale is 1.
-    scale = block.gamma.detach() if block.gamma is not None else fc2.weight.new_ones(fc2.weight.shape[0])
+    scale = block.gamma.detach() if block.gamma is not None else fc2.weight.new_ones(fc2.weight.shape[0])  # type: ignore[union-attr]
     head = model.head
     require_average_pool(head.global_pool, "head.global_pool")
     require_linear(head.fc, "head.fc")

@@ -4,6 +4,8 @@ DarkStage models: the last block's conv3, its BatchNorm, + shortcut, act3. Class
 
 from __future__ import annotations
 
+from typing import Any
+
 from timm.models.cspnet import BottleneckBlock, CrossStage, CrossStage3, CspNet, DarkStage
 from torch import nn
 
@@ -14,7 +16,7 @@ from flatscan.registry import register
 
 @register("cspnet", CspNet)
 def describe_cspnet(model: CspNet) -> NormalisedHead:
-    head = {"pool": "head.global_pool", "classifier": "head.fc"}
+    head: dict[str, Any] = {"pool": "head.global_pool", "classifier": "head.fc"}
     stage_name = f"stages.{len(model.stages) - 1}"
     stage = submodule(model, stage_name)
     if isinstance(stage, (CrossStage, CrossStage3)):

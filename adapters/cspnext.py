@@ -15,7 +15,7 @@ from flatscan.registry import register
 
 @register("cspnext", CspNext)
 def describe_cspnext(model: CspNext) -> NormalisedHead:
-    layer_name = f"stages.{len(model.stages) - 1}.{len(model.stages[-1]) - 1}"
+    layer_name = f"stages.{len(model.stages) - 1}.{len(model.stages[-1]) - 1}"  # type: ignore[arg-type]
     if not isinstance(submodule(model, layer_name), CspNextLayer):
         raise UnsupportedModel(f"the last stage does not end in a CspNextLayer ({layer_name}): not the layout it knows")
     conv, norm, act = conv_norm_act(model, f"{layer_name}.final_conv")

@@ -18,8 +18,8 @@ def describe_densenet(model: DenseNet) -> NormalisedHead:
     layer_name = list(block.keys())[-1]
     feature_layer = f"features.{names[-2]}.{layer_name}.conv2"
     # The block concatenates its input and every layer's output: the last layer's growth_rate channels come last.
-    growth = block[layer_name].conv2.out_channels
-    total = model.features.norm5.num_features
+    growth = block[layer_name].conv2.out_channels  # type: ignore[union-attr]
+    total = model.features.norm5.num_features  # type: ignore[union-attr]
     return normalised_head(
         model,
         feature_layer=feature_layer,
@@ -27,5 +27,5 @@ def describe_densenet(model: DenseNet) -> NormalisedHead:
         activation="features.norm5.act",
         pool="global_pool",
         classifier="classifier",
-        channels=slice(total - growth, total),
+        channels=slice(total - growth, total),  # type: ignore[operator]
     )

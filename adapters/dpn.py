@@ -31,7 +31,7 @@ def describe_dpn(model: DPN) -> NormalisedHead:
         )
     feature_layer = f"{block_name}.c1x1_c2"
     growth = submodule(model, feature_layer).out_channels
-    total = model.features.conv5_bn_ac.bn.num_features
+    total = model.features.conv5_bn_ac.bn.num_features  # type: ignore[union-attr]
     return normalised_head(
         model,
         feature_layer=feature_layer,
@@ -39,5 +39,5 @@ def describe_dpn(model: DPN) -> NormalisedHead:
         activation="features.conv5_bn_ac.bn.act",
         pool="global_pool",
         classifier="classifier",
-        channels=slice(total - growth, total),
+        channels=slice(total - growth, total),  # type: ignore[operator]
     )

@@ -5,6 +5,8 @@ Built without a head convolution (MobileNetV1), the last block's point-wise conv
 
 from __future__ import annotations
 
+from typing import Any
+
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 from timm.models.efficientnet import EfficientNet
 from torch import nn
@@ -25,7 +27,7 @@ def _require_norm_act(model: nn.Module, norm: str) -> str:
 
 def _describe_last_block(model: EfficientNet) -> NormalisedHead:
     stage = len(model.blocks) - 1
-    block_name = f"blocks.{stage}.{len(model.blocks[stage]) - 1}"
+    block_name = f"blocks.{stage}.{len(model.blocks[stage]) - 1}"  # type: ignore[arg-type]
     block = submodule(model, block_name)
     if type(block) not in _LAST_CONV:
         raise UnsupportedModel(
@@ -34,7 +36,7 @@ def _describe_last_block(model: EfficientNet) -> NormalisedHead:
         )
     conv, norm = (f"{block_name}.{name}" for name in _LAST_CONV[type(block)])
     act = _require_norm_act(model, norm)
-    head = {"feature_layer": conv, "norm": norm, "pool": "global_pool"}
+    head: dict[str, Any] = {"feature_layer": conv, "norm": norm, "pool": "global_pool"}
     if not block.has_skip:
         return normalised_head(model, activation=act, classifier="classifier", **head)
     if not isinstance(submodule(model, act), nn.Identity):

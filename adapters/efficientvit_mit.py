@@ -16,7 +16,7 @@ from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
 
 
-@register("efficientvit", EfficientVit, EfficientVitLarge)
+@register("efficientvit", EfficientVit, EfficientVitLarge)  # type: ignore[arg-type]
 def describe_efficientvit(model: EfficientVit | EfficientVitLarge) -> NormalisedHead:
     head = model.head
     if not isinstance(head, ClassifierHead):

@@ -38,7 +38,7 @@ def _refuse_position_norm(model: nn.Module, name: str, what: str, hint: str) -> 
 
 @register("focalnet", FocalNet)
 def describe_focalnet(model: FocalNet) -> NormalisedHead:
-    block_name = f"layers.{len(model.layers) - 1}.blocks.{len(model.layers[-1].blocks) - 1}"
+    block_name = f"layers.{len(model.layers) - 1}.blocks.{len(model.layers[-1].blocks) - 1}"  # type: ignore[arg-type]
     _refuse_position_norm(model, f"{block_name}.norm2_post", "mlp.fc2's output", "use_post_norm")
     if not isinstance(model.head, (NormMlpClassifierHead, ClassifierHead)):
         raise UnsupportedModel(

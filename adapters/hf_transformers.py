@@ -79,7 +79,7 @@ def _conv_bn(model: nn.Module, *, layer: str, activation: str, pooled: Tap, clas
     )
 
 
-@register("resnet", ResNetForImageClassification)
+@register("resnet", ResNetForImageClassification)  # type: ignore[arg-type]
 @register("regnet", RegNetForImageClassification)
 def describe_resnet_regnet(model: ResNetForImageClassification | RegNetForImageClassification) -> NormalisedHead:
     """The last layer's last ResNetConvLayer (conv, BatchNorm, no activation), + shortcut, the layer's activation.
@@ -87,10 +87,10 @@ def describe_resnet_regnet(model: ResNetForImageClassification | RegNetForImageC
     RegNet-Y's squeeze-excitation gates the input of that conv, not its output, so it stays outside the head.
     """
     base = model.base_model_prefix
-    stages = model.base_model.encoder.stages
-    block_name = f"{base}.encoder.stages.{len(stages) - 1}.layers.{len(stages[-1].layers) - 1}"
+    stages = model.base_model.encoder.stages  # type: ignore[union-attr]
+    block_name = f"{base}.encoder.stages.{len(stages) - 1}.layers.{len(stages[-1].layers) - 1}"  # type: ignore[arg-type, index, union-attr]
     block = submodule(model, block_name)
-    last = f"{block_name}.layer.{len(block.layer) - 1}"
+    last = f"{block_name}.layer.{len(block.layer) - 1}"  # type: ignore[arg-type]
     if not isinstance(getattr(submodule(model, last), "activation", None), nn.Identity):
         raise UnsupportedModel(f"{last} applies an activation before the residual add: not v = s z + t + r")
     _require_global_average(model, f"{base}.pooler")
@@ -110,15 +110,15 @@ def _norm_then_linear(norm: nn.LayerNorm, classifier: nn.Linear, pooled: Tensor)
     return classifier(norm(pooled))
 
 
-@register("convnext", ConvNextForImageClassification, ConvNextV2ForImageClassification)
+@register("convnext", ConvNextForImageClassification, ConvNextV2ForImageClassification)  # type: ignore[arg-type]
 def describe_convnext(model: ConvNextForImageClassification | ConvNextV2ForImageClassification) -> NormalisedHead:
     """The last layer's pwconv2 (Linear on channels-last maps), layer scale, + shortcut; GAP -> LayerNorm -> Linear.
 
     The pool is a ``mean`` in the model's forward, not a module: the pooled vector is read at the LayerNorm's input.
     """
     base = model.base_model_prefix
-    stages = model.base_model.encoder.stages
-    block_name = f"{base}.encoder.stages.{len(stages) - 1}.layers.{len(stages[-1].layers) - 1}"
+    stages = model.base_model.encoder.stages  # type: ignore[union-attr]
+    block_name = f"{base}.encoder.stages.{len(stages) - 1}.layers.{len(stages[-1].layers) - 1}"  # type: ignore[arg-type, index, union-attr]
     block = submodule(model, block_name)
     fc2 = block.pwconv2
     if not isinstance(fc2, nn.Linear):

@@ -20,12 +20,12 @@ def describe_iformer(model: IFormer) -> NormalisedHead:
     if model.global_pool != "avg":
         raise UnsupportedModel(f"global_pool is {model.global_pool!r}, not a global average: nothing is pooled")
     blocks = model.stages[-1].blocks
-    block_name = f"stages.{len(model.stages) - 1}.blocks.{len(blocks) - 1}"
-    residual = getattr(blocks[-1], "mixer", None) if len(blocks) else None
+    block_name = f"stages.{len(model.stages) - 1}.blocks.{len(blocks) - 1}"  # type: ignore[arg-type]
+    residual = getattr(blocks[-1], "mixer", None) if len(blocks) else None  # type: ignore[arg-type, index]
     # FFN and ConvBlock: x + [gamma *] Sequential(..., last conv -> BatchNorm)(x); SHMA and RepCPE are never last.
     if not isinstance(residual, Residual) or not isinstance(residual.module, nn.Sequential):
         raise UnsupportedModel(
-            f"the last block {block_name} is {type(blocks[-1]).__name__ if len(blocks) else 'missing'}, "
+            f"the last block {block_name} is {type(blocks[-1]).__name__ if len(blocks) else 'missing'}, "  # type: ignore[arg-type, index]
             "not a residual FFN or ConvBlock"
         )
     conv, scale = conv_bn(model, f"{block_name}.mixer.module.{len(residual.module) - 1}")

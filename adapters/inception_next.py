@@ -26,7 +26,7 @@ def describe_inception_next(model: MetaNeXt) -> NormalisedHead:
     if not isinstance(head, MlpClassifierHead):
         raise UnsupportedModel(f"head is {type(head).__name__}, not MetaNeXt's MlpClassifierHead")
     require_average_pool(head.global_pool, "head.global_pool")
-    block_name = f"stages.{len(model.stages) - 1}.blocks.{len(model.stages[-1].blocks) - 1}"
+    block_name = f"stages.{len(model.stages) - 1}.blocks.{len(model.stages[-1].blocks) - 1}"  # type: ignore[arg-type]
     block = submodule(model, block_name)
     if not isinstance(block, MetaNeXtBlock):
         raise UnsupportedModel(f"{block_name} is {type(block).__name__}, not a MetaNeXtBlock: not the layout it knows")

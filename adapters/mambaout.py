@@ -21,7 +21,7 @@ from flatscan.registry import register
 def _head_logits(head: nn.Module, pooled: Tensor) -> Tensor:
     """The head after its own global average, on the pooled vector (N, C)."""
     dropout = head.head_dropout if isinstance(head, MlpHead) else head.drop
-    return head.fc(dropout(head.pre_logits(head.norm(pooled))))
+    return head.fc(dropout(head.pre_logits(head.norm(pooled))))  # type: ignore[operator]
 
 
 @register("mambaout", MambaOut)
@@ -34,7 +34,7 @@ def describe_mambaout(model: MambaOut) -> NormalisedHead:
             f"head pools with {head.pool_type or 'nothing'!r}, not a global average: the measure is defined for a "
             "global average pool"
         )
-    block_name = f"stages.{len(model.stages) - 1}.blocks.{len(model.stages[-1].blocks) - 1}"
+    block_name = f"stages.{len(model.stages) - 1}.blocks.{len(model.stages[-1].blocks) - 1}"  # type: ignore[arg-type]
     block = submodule(model, block_name)
     if not isinstance(block, GatedConvBlock):
         raise UnsupportedModel(f"{block_name} is {type(block).__name__}, not a GatedConvBlock: not the layout it knows")

@@ -20,7 +20,7 @@ from flatscan.registry import register
 
 def _head_logits(head: nn.Sequential, pooled: Tensor) -> Tensor:
     """MetaFormer.forward_head after the global pool, on the pooled vector (N, C)."""
-    return head.fc(head.drop(head.flatten(head.norm(pooled[:, :, None, None]))))
+    return head.fc(head.drop(head.flatten(head.norm(pooled[:, :, None, None]))))  # type: ignore[operator]
 
 
 @register("metaformer", MetaFormer)
@@ -30,7 +30,7 @@ def describe_metaformer(model: MetaFormer) -> NormalisedHead:
     # MlpHead (fc1 -> act -> norm -> fc2) or a Linear classifier.
     classifier = "head.fc.fc2" if isinstance(getattr(fc, "fc2", None), nn.Linear) else "head.fc"
     stage_name = f"stages.{len(model.stages) - 1}"
-    block_name = f"{stage_name}.blocks.{len(model.stages[-1].blocks) - 1}"
+    block_name = f"{stage_name}.blocks.{len(model.stages[-1].blocks) - 1}"  # type: ignore[arg-type]
     mlp = submodule(model, f"{block_name}.mlp")
     if not isinstance(mlp, Mlp):
         raise UnsupportedModel(f"{block_name}.mlp is {type(mlp).__name__}, not timm's Mlp: not the layout it knows")

@@ -43,7 +43,7 @@ def describe_nfnet(model: NormFreeNet) -> NormalisedHead:
     require_linear(submodule(model, "head.fc"), "head.fc")
     activation = _final_activation(model.final_act)
     if isinstance(model.final_conv, nn.Identity):
-        block_name = f"stages.{len(model.stages) - 1}.{len(model.stages[-1]) - 1}"
+        block_name = f"stages.{len(model.stages) - 1}.{len(model.stages[-1]) - 1}"  # type: ignore[arg-type]
         block = submodule(model, block_name)
         if not isinstance(block, NormFreeBlock):
             raise UnsupportedModel(f"the last block {block_name} is {type(block).__name__}, not a NormFreeBlock")

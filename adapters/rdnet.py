@@ -36,7 +36,7 @@ def describe_rdnet(model: RDNet) -> NormalisedHead:
     if not isinstance(model.head, NormMlpClassifierHead):
         raise UnsupportedModel(f"head is {type(model.head).__name__}, not timm's NormMlpClassifierHead")
     require_average_pool(model.head.global_pool, "head.global_pool")
-    stage_name = f"dense_stages.{len(model.dense_stages) - 1}.{len(model.dense_stages[-1]) - 1}"
+    stage_name = f"dense_stages.{len(model.dense_stages) - 1}.{len(model.dense_stages[-1]) - 1}"  # type: ignore[arg-type]
     stage = submodule(model, stage_name)
     if not isinstance(stage, DenseStage):
         raise UnsupportedModel(f"{stage_name} is {type(stage).__name__}, not a DenseStage: not the layout it knows")
@@ -54,10 +54,10 @@ def describe_rdnet(model: RDNet) -> NormalisedHead:
     return layer_scaled_residual_head(
         model,
         feature_layer=f"{block_name}.layers.layers.{len(block.layers.layers) - 1}",
-        layer_scale=block.gamma,
+        layer_scale=block.gamma,  # type: ignore[arg-type]
         pre_activation=Tap(stage_name, "output"),
         pooled=Tap("head.global_pool", "output"),
         classifier="head.fc",
         head_fn=partial(norm_mlp_head_logits, model.head),
-        channels=slice(total - growth, total),
+        channels=slice(total - growth, total),  # type: ignore[operator]
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from timm.layers import ConvNormAct
 from timm.models.regnet import PreBottleneck, RegNet, RegStage
 from torch import nn
@@ -13,7 +15,7 @@ from flatscan.registry import register
 
 @register("regnet", RegNet)
 def describe_regnet(model: RegNet) -> NormalisedHead:
-    head = {"pool": "head.global_pool", "classifier": "head.fc"}
+    head: dict[str, Any] = {"pool": "head.global_pool", "classifier": "head.fc"}
     if isinstance(model.final_conv, ConvNormAct):
         # num_features set (some RegNetZ): a 1x1 ConvNormAct after the last stage is the feature layer.
         conv, norm, act = conv_norm_act(model, "final_conv")

@@ -23,7 +23,7 @@ def describe_repvit(model: RepVit) -> NormalisedHead:
         raise UnsupportedModel(f"global_pool is {model.global_pool!r}, not a global average: nothing is pooled")
     stage = model.stages[-1]
     stage_name = f"stages.{len(model.stages) - 1}"
-    block_name = f"{stage_name}.blocks.{len(stage.blocks) - 1}" if len(stage.blocks) else f"{stage_name}.downsample"
+    block_name = f"{stage_name}.blocks.{len(stage.blocks) - 1}" if len(stage.blocks) else f"{stage_name}.downsample"  # type: ignore[arg-type]
     block = model.get_submodule(block_name)
     if type(block) not in _LAST_MLP:
         raise UnsupportedModel(f"the last block {block_name} is {type(block).__name__}, not a RepViT block")

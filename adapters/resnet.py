@@ -17,6 +17,7 @@ from torch import nn
 
 from flatscan.contract import (
     NormalisedHead,
+    PooledCoupling,
     Tap,
     activation_of,
     batchnorm_scale,
@@ -44,6 +45,7 @@ def _block_ending(model: ResNet, block: nn.Module, block_name: str, last: int) -
     norm_name = f"{block_name}.bn{last}"
     norm = getattr(block, f"bn{last}")
     gate = getattr(block, "se", None)
+    coupling: PooledCoupling | None
     if isinstance(norm, nn.GroupNorm):
         if gate is not None:
             raise UnsupportedModel(f"{block_name} has both a GroupNorm and a gate after the feature layer")
@@ -108,8 +110,8 @@ def _res2net(model: ResNet, block: Bottle2neck, block_name: str) -> NormalisedHe
 def describe_resnet(model: ResNet) -> NormalisedHead:
     require_average_pool(model.global_pool, "global_pool")
     require_linear(model.fc, "fc")
-    block_name = f"layer4.{len(model.layer4) - 1}"
-    block = model.layer4[-1]
+    block_name = f"layer4.{len(model.layer4) - 1}"  # type: ignore[arg-type]
+    block: nn.Module = model.layer4[-1]  # type: ignore[assignment, index]
     if isinstance(block, (SelectiveKernelBasic, SelectiveKernelBottleneck)):
         _refuse_gate(block, block_name)
         return _selective_kernel(model, block, block_name)

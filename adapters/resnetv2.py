@@ -7,6 +7,8 @@ BiT models standardise their conv weights (StdConv2d) and use GroupNorm: refused
 
 from __future__ import annotations
 
+from typing import Any
+
 from timm.models.resnetv2 import Bottleneck, PreActBasic, PreActBottleneck, ResNetV2
 from torch import nn
 
@@ -23,9 +25,9 @@ def _require_norm_act(model: nn.Module, norm: str) -> str:
 
 @register("resnetv2", ResNetV2)
 def describe_resnetv2(model: ResNetV2) -> NormalisedHead:
-    head = {"pool": "head.global_pool", "classifier": "head.fc"}
+    head: dict[str, Any] = {"pool": "head.global_pool", "classifier": "head.fc"}
     stage = len(model.stages) - 1
-    block_name = f"stages.{stage}.blocks.{len(model.stages[stage].blocks) - 1}"
+    block_name = f"stages.{stage}.blocks.{len(model.stages[stage].blocks) - 1}"  # type: ignore[arg-type]
     block = submodule(model, block_name)
     if isinstance(block, (PreActBottleneck, PreActBasic)):
         last = "conv3" if isinstance(block, PreActBottleneck) else "conv2"

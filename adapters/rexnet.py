@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from timm.models.rexnet import RexNet
 
 from flatscan.contract import NormalisedHead, conv_norm_act, normalised_head
@@ -11,5 +13,5 @@ from flatscan.registry import register
 @register("rexnet", RexNet)
 def describe_rexnet(model: RexNet) -> NormalisedHead:
     conv, norm, act = conv_norm_act(model, f"features.{len(model.features) - 1}")
-    head = {"pool": "head.global_pool", "classifier": "head.fc"}
+    head: dict[str, Any] = {"pool": "head.global_pool", "classifier": "head.fc"}
     return normalised_head(model, feature_layer=conv, norm=norm, activation=act, **head)

@@ -4,6 +4,7 @@ LayerNorm across channels at every position (:class:`flatscan.contract.ChannelNo
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import cast
 
 from timm.models.sequencer import Sequencer2d, Sequencer2dBlock
 from torch import nn
@@ -23,7 +24,8 @@ from flatscan.registry import register
 @register("sequencer", Sequencer2d)
 def describe_sequencer(model: Sequencer2d) -> NormalisedHead:
     require_average_pool(submodule(model, "head.global_pool"), "head.global_pool")
-    block_name = f"stages.{len(model.stages) - 1}.blocks.{len(model.stages[-1].blocks) - 1}"
+    last_stage = cast(nn.Sequential, model.stages)[-1]
+    block_name = f"stages.{len(model.stages) - 1}.blocks.{len(last_stage.blocks) - 1}"  # type: ignore[arg-type]
     block = submodule(model, block_name)
     if not isinstance(block, Sequencer2dBlock) or not isinstance(block.drop_path, nn.Identity):
         raise UnsupportedModel(f"{block_name} is not a Sequencer2dBlock in eval form: not the layout it knows")

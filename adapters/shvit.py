@@ -24,10 +24,10 @@ from flatscan.registry import register
 def describe_shvit(model: SHViT) -> NormalisedHead:
     require_average_pool(model.global_pool, "global_pool")
     blocks = model.stages[-1].blocks
-    block_name = f"stages.{len(model.stages) - 1}.blocks.{len(blocks) - 1}"
-    if not len(blocks) or not isinstance(blocks[-1], BasicBlock):
+    block_name = f"stages.{len(model.stages) - 1}.blocks.{len(blocks) - 1}"  # type: ignore[arg-type]
+    if not len(blocks) or not isinstance(blocks[-1], BasicBlock):  # type: ignore[arg-type, index]
         raise UnsupportedModel(f"the last stage does not end in a BasicBlock (at {block_name})")
-    ffn = blocks[-1].ffn
+    ffn = blocks[-1].ffn  # type: ignore[index]
     if not isinstance(ffn, Residual) or not isinstance(ffn.m, FFN):
         raise UnsupportedModel(f"{block_name}.ffn is {type(ffn).__name__}, not a residual FFN")
     # The block ends in x + pw2(act(pw1(x))): v = s * conv(A) + t + x is the block's output, pooled as is.

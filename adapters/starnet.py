@@ -27,7 +27,7 @@ from flatscan.registry import register
 def describe_starnet(model: StarNet) -> NormalisedHead:
     require_average_pool(model.global_pool, "global_pool")
     require_linear(model.head, "head")
-    block_name = f"stages.{len(model.stages) - 1}.{len(model.stages[-1]) - 1}"
+    block_name = f"stages.{len(model.stages) - 1}.{len(model.stages[-1]) - 1}"  # type: ignore[arg-type]
     if not isinstance(submodule(model, block_name), Block):
         raise UnsupportedModel(
             f"the last stage does not end in a StarNet Block ({block_name}): not the layout it knows"

@@ -17,7 +17,7 @@ from flatscan.registry import register
 @register("tresnet", TResNet)
 def describe_tresnet(model: TResNet) -> NormalisedHead:
     layer4 = submodule(model, "body.layer4")
-    block_name = f"body.layer4.{len(layer4) - 1}"
+    block_name = f"body.layer4.{len(layer4) - 1}"  # type: ignore[arg-type]
     block = submodule(model, block_name)
     if isinstance(block, Bottleneck):
         last = 3

@@ -30,7 +30,7 @@ from flatscan.registry import register
 
 @register("vovnet", VovNet)
 def describe_vovnet(model: VovNet) -> NormalisedHead:
-    block_name = f"stages.{len(model.stages) - 1}.blocks.{len(model.stages[-1].blocks) - 1}"
+    block_name = f"stages.{len(model.stages) - 1}.blocks.{len(model.stages[-1].blocks) - 1}"  # type: ignore[arg-type]
     block = submodule(model, block_name)
     if not isinstance(block, OsaBlock):
         raise UnsupportedModel(f"{block_name} is {type(block).__name__}, not an OsaBlock: not the layout it knows")

@@ -7,6 +7,8 @@ pre-activation models (PreXceptionModule, '-p' variants): conv_pw with no norm a
 
 from __future__ import annotations
 
+from typing import Any
+
 from timm.models.xception import Xception
 from timm.models.xception_aligned import (
     PreSeparableConv2d,
@@ -36,7 +38,7 @@ def describe_xception(model: Xception) -> NormalisedHead:
 
 @register("xception_aligned", XceptionAligned)
 def describe_xception_aligned(model: XceptionAligned) -> NormalisedHead:
-    head = {"pool": "head.global_pool", "classifier": "head.fc"}
+    head: dict[str, Any] = {"pool": "head.global_pool", "classifier": "head.fc"}
     block_name = f"blocks.{len(model.blocks) - 1}"
     block = submodule(model, block_name)
     if not isinstance(block, (XceptionModule, PreXceptionModule)) or len(block.stack) == 0:

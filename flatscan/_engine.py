@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -107,10 +107,13 @@ def feature_patches(layer: nn.Module, inputs: Tensor) -> Tensor:
         return flatness.linear_patches(inputs)
     if not isinstance(layer, nn.Conv2d):
         raise UnsupportedModel(f"the feature layer is {type(layer).__name__}; flatscan measures Conv2d and Linear")
-    kernel, stride, dilation = layer.kernel_size, layer.stride, layer.dilation
+    # Conv2d stores its 2-d settings as pairs; torch's stubs type them tuple[int, ...].
+    kernel = cast(tuple[int, int], layer.kernel_size)
+    stride = cast(tuple[int, int], layer.stride)
+    dilation = cast(tuple[int, int], layer.dilation)
     if isinstance(layer, (Conv2dSame, Conv2dSameExport)):
         # TensorFlow 'SAME' padding depends on the input size; timm's own pad_same applies it.
-        inputs = pad_same(inputs, kernel, stride, dilation)
+        inputs = pad_same(inputs, kernel, stride, dilation)  # type: ignore[arg-type]  # timm types them List[int]
         padding = (0, 0, 0, 0)
     elif layer.padding == "same":
         # As torch does it: the odd pixel of an asymmetric padding goes right / bottom.
@@ -119,7 +122,7 @@ def feature_patches(layer: nn.Module, inputs: Tensor) -> Tensor:
     elif layer.padding == "valid":
         padding = (0, 0, 0, 0)
     else:
-        ph, pw = layer.padding
+        ph, pw = cast(tuple[int, int], layer.padding)
         padding = (pw, pw, ph, ph)
     return flatness.conv_patches(inputs, kernel, stride, dilation, padding, layer.groups, layer.padding_mode)
 

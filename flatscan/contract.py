@@ -26,7 +26,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -255,7 +255,7 @@ def normalised_head(
     elif isinstance(submodule(model, norm), nn.GroupNorm):
         # Per-sample group statistics: exact through the pooled moments. v is GroupNorm's output, read at the
         # activation's input when the activation is the norm's own (GroupNormAct), else at the norm's output.
-        scale = conv.weight.new_ones(submodule(model, norm).num_channels).detach()
+        scale = conv.weight.new_ones(cast(nn.GroupNorm, submodule(model, norm)).num_channels).detach()
         coupling = group_norm(model, norm)
         if activation != f"{norm}.act":
             coupling = replace(coupling, affine_output=Tap(norm, "output"))
@@ -336,8 +336,9 @@ def layer_scaled_residual_head(
     """
     require_linear(submodule(model, classifier), classifier)
     layer = require_feature_layer(model, feature_layer)
-    out_channels = layer.weight.shape[0]
-    scale = layer.weight.new_ones(out_channels) if layer_scale is None else layer_scale.flatten()
+    weight = cast(Tensor, layer.weight)  # a Conv2d's or a Linear's
+    out_channels = weight.shape[0]
+    scale = weight.new_ones(out_channels) if layer_scale is None else layer_scale.flatten()
     if scale.shape[0] != out_channels:
         raise UnsupportedModel(
             f"{feature_layer} has {out_channels} output channels but its layer scale has {scale.shape[0]}"
@@ -368,7 +369,7 @@ def conv_bn(model: nn.Module, name: str) -> tuple[str, Tensor]:
     """
     module = submodule(model, name)
     if isinstance(module, nn.Sequential) and list(module._modules) == ["c", "bn"]:
-        return f"{name}.c", batchnorm_scale(module.bn, f"{name}.bn")
+        return f"{name}.c", batchnorm_scale(module.bn, f"{name}.bn")  # type: ignore[arg-type]
     conv = require_plain_conv(model, name)
     return name, conv.weight.new_ones(conv.out_channels).detach()
 
@@ -393,7 +394,7 @@ def bn_linear_classifier(model: nn.Module, name: str) -> tuple[str, Callable[[Te
         norm = module.bn
         if not isinstance(norm, nn.BatchNorm1d) or norm.running_mean is None:
             raise UnsupportedModel(f"{name}.bn is not a BatchNorm1d with running statistics: the head is not fixed")
-        require_linear(module.l, f"{name}.l")
+        require_linear(module.l, f"{name}.l")  # type: ignore[arg-type]
         return f"{name}.l", module
     require_linear(module, name)
     return name, None
@@ -418,7 +419,7 @@ def nas_cell_head(model: nn.Module, cell: str) -> NormalisedHead:
     )
     # bn_sep_2 spans only the branch's channels; act's input (the pre-activation) spans the whole concat.
     total = model.num_features
-    return replace(head, channels=slice(total - head.channel_scale.shape[0], total))
+    return replace(head, channels=slice(total - head.channel_scale.shape[0], total))  # type: ignore[operator]
 
 
 @dataclass(frozen=True, eq=False)
@@ -465,7 +466,7 @@ def _gate_logits(module: nn.Module, mean: Tensor) -> Tensor:
         return module.fc2(module.act(module.bn(module.fc1(x)))).flatten(1)
     if isinstance(module, EffectiveSEModule):
         return module.fc(x).flatten(1)
-    return module.fc2(module.relu(module.fc1(x))).flatten(1)
+    return module.fc2(module.relu(module.fc1(x))).flatten(1)  # type: ignore[operator]
 
 
 def _hard_sigmoid(x: Tensor) -> Tensor:
@@ -489,7 +490,7 @@ def squeeze_excitation(
     """
     module = submodule(model, gate)
     _require_gate(module, gate)
-    activation = _twice_differentiable(module.sigmoid if isinstance(module, LegacySEModule) else module.gate)
+    activation = _twice_differentiable(module.sigmoid if isinstance(module, LegacySEModule) else module.gate)  # type: ignore[arg-type]
 
     def affine(stats: Tensor) -> tuple[Tensor, Tensor]:
         alpha = activation(_gate_logits(module, stats[..., 0]))

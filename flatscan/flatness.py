@@ -582,7 +582,16 @@ class ChannelNormTerms:
         weight = torch.zeros(channel_scale.shape[0], channel_scale.shape[0], dtype=self.xhat.dtype)
         blocks = []
         for sample in range(self.xhat.shape[0]):
-            one = ChannelNormTerms(*(t[sample : sample + 1] for t in self._tensors()), self.head.take(sample))
+            part = slice(sample, sample + 1)
+            one = ChannelNormTerms(
+                self.xhat[part],
+                self.rstd[part],
+                self.slope[part],
+                self.curv[part],
+                self.grad_curv[part],
+                self.patch_gram[part],
+                self.head.take(sample),
+            )
             with torch.enable_grad():
                 weight.requires_grad_(True)
                 (grad,) = torch.autograd.grad(one.contract(weight).sum(), weight)
@@ -590,9 +599,6 @@ class ChannelNormTerms:
             blocks.append(0.5 * (grad + grad.T))
         scale = channel_scale.double()
         return torch.stack(blocks).double() * scale[:, None] * scale[None, :]
-
-    def _tensors(self) -> tuple[Tensor, ...]:
-        return self.xhat, self.rstd, self.slope, self.curv, self.grad_curv, self.patch_gram
 
 
 def channel_norm_terms(

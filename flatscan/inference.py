@@ -49,17 +49,17 @@ def applied_conv(conv: nn.Conv2d) -> nn.Conv2d:
             weight=gain,
             training=True,
             momentum=0.0,
-            eps=conv.eps,
+            eps=conv.eps,  # type: ignore[arg-type]
         ).reshape_as(conv.weight)
     dynamic_same = getattr(conv, "same_pad", False)
     plain_type = Conv2dSame if dynamic_same else nn.Conv2d
     plain = plain_type(
         conv.in_channels,
         conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=0 if dynamic_same else conv.padding,
-        dilation=conv.dilation,
+        conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=0 if dynamic_same else conv.padding,  # type: ignore[arg-type]
+        dilation=conv.dilation,  # type: ignore[arg-type]
         groups=conv.groups,
         bias=conv.bias is not None,
         device=conv.weight.device,

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +96,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def _chunk_size(const: Constants, device: torch.device, trace_only: bool) -> int:
     """Samples per chunk of the closed form, so that its per-sample matrices fit the device's chunk budget."""
     channels, classes = const.kernel_gram.shape[0], const.classifier_weight.shape[0]
-    kernel_size = const.feature_layer.weight[0].numel()  # D, the length of g_c when g is formed
+    kernel_size = cast(Tensor, const.feature_layer.weight)[0].numel()  # D, the length of g_c when g is formed
     # Per sample: a few (classes, C) and (C, D) matrices, and for kappa (C, C) ones too.
     per_sample = channels * max(classes, kernel_size, 0 if trace_only else channels) * 3
     budget = _CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +126,7 @@ def _basis_responses(layer: nn.Module, inputs: Tensor, column: int, coords: Tens
 
     Shape (N, len(coords), H', W') for a conv, (N, ..., len(coords)) for a channels-last Linear.
     """
-    weight = layer.weight
+    weight = cast(Tensor, layer.weight)
     basis = torch.zeros(len(coords), weight[0].numel(), dtype=weight.dtype)
     basis[torch.arange(len(coords)), coords] = 1.0
     if isinstance(layer, nn.Conv2d) and layer.groups > 1:
@@ -203,7 +204,7 @@ def _loss_hvp(
         return F.cross_entropy(model_logits(model(images)), labels)
 
     try:
-        _, vjp = torch.func.vjp(torch.func.grad(loss), output)
+        _, vjp = torch.func.vjp(torch.func.grad(loss), output)  # type: ignore[misc]  # stubs: has_aux's 3-tuple
         replacement.clear()
         yield lambda tangent: vjp(tangent)[0]
     finally:
@@ -331,8 +332,8 @@ def verify(
     autograd_values: list[float] = []
     # Columns mostly among filters the closed form sees as active (dead ReLU filters give 0 = 0, a vacuous
     # check), plus one drawn from all filters so that a closed form wrongly reporting zero is still caught.
-    active = closed.diagonal().nonzero().flatten()
-    active = active[torch.randperm(len(active), generator=generator)][: n_columns - 1].tolist()
+    nonzero = closed.diagonal().nonzero().flatten()
+    active: list[int] = nonzero[torch.randperm(len(nonzero), generator=generator)][: n_columns - 1].tolist()
     anywhere = [c for c in torch.randperm(channels, generator=generator).tolist() if c not in active]
     for column in (active + anywhere)[:n_columns]:
         # The diagonal pair checks the curvature term, the others the cross term.
