@@ -249,7 +249,7 @@ def normalised_head(
     require_average_pool(submodule(model, pool), pool)
     require_linear(submodule(model, classifier), classifier)
     conv = require_plain_conv(model, feature_layer)
-    coupling = None
+    coupling: PooledCoupling | ChannelNorm | None = None
     if norm is None:
         scale = conv.weight.new_ones(conv.out_channels).detach()
     elif isinstance(submodule(model, norm), nn.GroupNorm):
@@ -259,6 +259,12 @@ def normalised_head(
         coupling = group_norm(model, norm)
         if activation != f"{norm}.act":
             coupling = replace(coupling, affine_output=Tap(norm, "output"))
+    elif isinstance(submodule(model, norm), nn.LayerNorm):
+        # Across channels at every position (LayerNormAct2d): v is the norm's output, read at its own activation.
+        if activation != f"{norm}.act" or channels is not None:
+            raise UnsupportedModel(f"{norm} normalises across channels, then more than its own activation follows")
+        scale = conv.weight.new_ones(conv.out_channels).detach()
+        coupling = channel_layer_norm(model, norm)
     else:
         scale = batchnorm_scale(submodule(model, norm), norm)
     channels = slice(None) if channels is None else channels

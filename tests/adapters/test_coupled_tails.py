@@ -147,3 +147,12 @@ def test_max_pooling_gate_is_refused() -> None:
     model = tiny_resnet(block_args={"attn_layer": partial(SEModule, add_maxpool=True)})
     with pytest.raises(flatscan.UnsupportedModel, match="max-pools"):
         flatscan.describe(model)
+
+
+def test_layer_norm_efficientnet_head_is_verified() -> None:
+    # test_efficientnet_ln: conv_head -> LayerNormAct2d (across channels, SiLU) -> GAP -> classifier.
+    model = prepare(timm.create_model("test_efficientnet_ln", num_classes=CLASSES))
+    head = flatscan.describe(model)
+    assert head.coupling is not None and "LayerNorm" in head.coupling.label
+    result = flatscan.verify(model, images_and_labels(size=32, n=2), pairs=8)
+    assert result.passed, result
