@@ -19,6 +19,7 @@ from transformers import (
     AutoImageProcessor,
     BitConfig,
     BitForImageClassification,
+    BitImageProcessor,
     ConvNextConfig,
     ConvNextForImageClassification,
     ConvNextImageProcessor,
@@ -31,11 +32,13 @@ from transformers import (
     FocalNetForImageClassification,
     MobileNetV1Config,
     MobileNetV1ForImageClassification,
+    MobileNetV1ImageProcessor,
     MobileNetV2Config,
     MobileNetV2ForImageClassification,
     MobileNetV2ImageProcessor,
     PoolFormerConfig,
     PoolFormerForImageClassification,
+    PoolFormerImageProcessor,
     RegNetConfig,
     RegNetForImageClassification,
     ResNetConfig,
@@ -313,6 +316,16 @@ PROCESSORS = {
     # MobileNetV2: shortest edge 46, centre crop 40, mean = std = 0.5.
     "mobilenetv2": MobileNetV2ImageProcessor(
         size={"shortest_edge": 46}, crop_size={"height": 40, "width": 40}, resample=2
+    ),
+    "mobilenetv1": MobileNetV1ImageProcessor(size={"shortest_edge": 46}, crop_size={"height": 38, "width": 38}),
+    "bit": BitImageProcessor(size={"shortest_edge": 46}, crop_size={"height": 40, "width": 40}),
+    # PoolFormer: shortest edge to int(40 / 0.8) = 50, centre crop 36 (not the edge, unlike ConvNeXt's).
+    "poolformer": PoolFormerImageProcessor(
+        size={"shortest_edge": 40}, crop_pct=0.8, crop_size={"height": 36, "width": 36}, resample=3
+    ),
+    # ... also from 384 px on (no ConvNeXt-style switch to a warp).
+    "poolformer_large": PoolFormerImageProcessor(
+        size={"shortest_edge": 400}, crop_pct=0.96, crop_size={"height": 384, "width": 384}
     ),
 }
 
