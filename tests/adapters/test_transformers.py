@@ -250,9 +250,10 @@ def test_transformers_activations_are_read(hidden_act: str, expected: str) -> No
     assert result.activation == expected
 
 
-def test_verify_certifies_convnext() -> None:
+@pytest.mark.parametrize("name", ["convnext", "bit_preact", "poolformer"])
+def test_verify_certifies(name: str) -> None:
     torch.manual_seed(0)
-    model = prepare(MODELS["convnext"]())
+    model = prepare(MODELS[name]())
     result = flatscan.verify(model, images_and_labels(), pairs=8)
     assert result.passed and not result.degenerate, result
     assert result.downstream_layers == []
@@ -273,6 +274,18 @@ def test_bit_inference_form_keeps_the_function(padding: str | None) -> None:
     assert not any(type(m).__name__ == "WeightStandardizedConv2d" for m in fused.modules())
     with torch.no_grad():
         torch.testing.assert_close(fused(images).logits, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_saved_bit_loads_in_its_inference_form(tmp_path: Path) -> None:
+    model = tiny_bit(global_padding="SAME").eval()
+    model.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    assert loaded.architecture == "BitForImageClassification"
+    images, _ = images_and_labels(size=37, n=2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(images.float()).logits, model(images.float()).logits)
+    head = flatscan.describe(loaded.model)
+    assert (head.family, head.coupling.label) == ("bit", "GroupNorm(4)")
 
 
 def test_focalnet_is_refused_for_its_layernorm() -> None:
