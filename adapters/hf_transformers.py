@@ -210,7 +210,7 @@ def describe_mobilenet_v2(model: MobileNetV2ForImageClassification) -> Normalise
 @register("mobilenetv1", MobileNetV1ForImageClassification)
 def describe_mobilenet_v1(model: MobileNetV1ForImageClassification) -> NormalisedHead:
     """The last layer (pointwise convolution, normalization, activation) -> pooler -> dropout -> classifier."""
-    layer = f"mobilenet_v1.layer.{len(model.mobilenet_v1.layer) - 1}"
+    layer = f"mobilenet_v1.layer.{len(list(submodule(model, 'mobilenet_v1.layer').children())) - 1}"
     if not isinstance(getattr(submodule(model, layer), "activation", None), nn.Module):
         raise UnsupportedModel(f"{layer} has no activation module to read the pre-activation at")
     if submodule(model, layer).normalization is None:

@@ -26,7 +26,7 @@ _STANDARDISED = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
 _TRANSFORMERS_BIT = "transformers.models.bit.modeling_bit"
 
 
-def _standardised() -> tuple[type[nn.Module], ...]:
+def _standardised() -> tuple[type[nn.Conv2d], ...]:
     """The weight-standardised convolution classes: timm's, and transformers' BiT one once it is imported."""
     bit = sys.modules.get(_TRANSFORMERS_BIT)
     hf = getattr(bit, "WeightStandardizedConv2d", None)
