@@ -1,19 +1,28 @@
-"""Hugging Face transformers CNN classifiers: ResNet, RegNet, ConvNeXt(-V2), EfficientNet, MobileNetV2.
+"""Hugging Face transformers CNN classifiers: ResNet, RegNet, ConvNeXt(-V2), EfficientNet, MobileNetV1/V2, BiT,
+PoolFormer; FocalNet is refused (a per-position LayerNorm before the pool).
 
 Imported by ``flatscan.adapters`` only when transformers is installed (``pip install 'flatscan[transformers]'``).
-Their forward returns a ``ModelOutput`` whose ``logits`` the scanner reads.
+Their forward returns a ``ModelOutput`` whose ``logits`` the scanner reads. BiT's weight-standardised convolutions
+are measured in their inference form (:func:`flatscan.inference_form`, which flatscan's loader applies); its
+GroupNorms, and PoolFormer's final one-group GroupNorm, are the GroupNorm coupling
+(:func:`flatscan.contract.group_norm`).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 from torch import Tensor, nn
 from transformers import (
+    BitForImageClassification,
     ConvNextForImageClassification,
     ConvNextV2ForImageClassification,
     EfficientNetForImageClassification,
+    FocalNetForImageClassification,
+    MobileNetV1ForImageClassification,
     MobileNetV2ForImageClassification,
+    PoolFormerForImageClassification,
     RegNetForImageClassification,
     ResNetForImageClassification,
 )
@@ -24,6 +33,7 @@ from flatscan.contract import (
     Tap,
     activation_of,
     batchnorm_scale,
+    group_norm,
     require_linear,
     require_plain_conv,
     submodule,
@@ -65,6 +75,13 @@ def _linear(model: nn.Module, name: str) -> None:
     require_linear(submodule(model, name), name)
 
 
+def _flatten_linear(model: nn.Module) -> None:
+    """The classifier ``Sequential(Flatten, Linear)`` of ResNet, RegNet and BiT."""
+    if not (isinstance(model.classifier, nn.Sequential) and isinstance(model.classifier[0], nn.Flatten)):
+        raise UnsupportedModel(f"classifier is {type(model.classifier).__name__}, not Sequential(Flatten, Linear)")
+    _linear(model, "classifier.1")
+
+
 def _conv_bn(model: nn.Module, *, layer: str, activation: str, pooled: Tap, classifier: str) -> NormalisedHead:
     """``layer``'s convolution -> normalization [+ residual] -> ``activation`` -> global pool -> ``classifier``."""
     conv = f"{layer}.convolution"
@@ -94,9 +111,7 @@ def describe_resnet_regnet(model: ResNetForImageClassification | RegNetForImageC
     if not isinstance(getattr(submodule(model, last), "activation", None), nn.Identity):
         raise UnsupportedModel(f"{last} applies an activation before the residual add: not v = s z + t + r")
     _require_global_average(model, f"{base}.pooler")
-    if not (isinstance(model.classifier, nn.Sequential) and isinstance(model.classifier[0], nn.Flatten)):
-        raise UnsupportedModel(f"classifier is {type(model.classifier).__name__}, not Sequential(Flatten, Linear)")
-    _linear(model, "classifier.1")
+    _flatten_linear(model)
     return _conv_bn(
         model,
         layer=last,
@@ -189,4 +204,103 @@ def describe_mobilenet_v2(model: MobileNetV2ForImageClassification) -> Normalise
         activation=f"{layer}.activation",
         pooled=Tap("classifier", "input"),
         classifier="classifier",
+    )
+
+
+@register("mobilenetv1", MobileNetV1ForImageClassification)
+def describe_mobilenet_v1(model: MobileNetV1ForImageClassification) -> NormalisedHead:
+    """The last layer (pointwise convolution, normalization, activation) -> pooler -> dropout -> classifier."""
+    layer = f"mobilenet_v1.layer.{len(list(submodule(model, 'mobilenet_v1.layer').children())) - 1}"
+    if not isinstance(getattr(submodule(model, layer), "activation", None), nn.Module):
+        raise UnsupportedModel(f"{layer} has no activation module to read the pre-activation at")
+    if submodule(model, layer).normalization is None:
+        raise UnsupportedModel(f"{layer} has no normalization: not the layout its adapter knows")
+    if model.mobilenet_v1.pooler is None:
+        raise UnsupportedModel("mobilenet_v1 was built without its pooler (add_pooling_layer=False)")
+    _require_global_average(model, "mobilenet_v1.pooler")
+    _linear(model, "classifier")
+    return _conv_bn(
+        model,
+        layer=layer,
+        activation=f"{layer}.activation",
+        pooled=Tap("classifier", "input"),
+        classifier="classifier",
+    )
+
+
+def _group_norm_activation(model: nn.Module, name: str, *, active: bool) -> None:
+    """``name`` is BiT's BitGroupNormActivation (a GroupNorm whose forward then applies ``activation``)."""
+    norm = submodule(model, name)
+    if not (isinstance(norm, nn.GroupNorm) and isinstance(getattr(norm, "activation", None), nn.Module)):
+        raise UnsupportedModel(f"{name} is {type(norm).__name__}, not BiT's GroupNorm + activation")
+    if not active and not isinstance(norm.activation, nn.Identity):
+        raise UnsupportedModel(f"{name} applies an activation before the residual add: not v = GroupNorm(z) + r")
+
+
+@register("bit", BitForImageClassification)
+def describe_bit(model: BitForImageClassification) -> NormalisedHead:
+    """The last layer's conv3 (weight-standardised: measured in its inference form), then a GroupNorm coupling.
+
+    Pre-activation layers (BiT): conv3 + shortcut -> bit.norm (GroupNorm, then its activation) -> pool -> Linear.
+    Bottleneck layers (layer_type="bottleneck"): conv3 -> norm3 (GroupNorm, no activation) + shortcut -> the
+    layer's activation -> pool -> Linear.
+    """
+    stages = model.bit.encoder.stages
+    last = f"bit.encoder.stages.{len(stages) - 1}.layers.{len(stages[-1].layers) - 1}"
+    _require_global_average(model, "bit.pooler")
+    _flatten_linear(model)
+    conv = require_plain_conv(model, f"{last}.conv3")
+    scale = conv.weight.new_ones(conv.out_channels).detach()
+    if isinstance(model.bit.norm, nn.Identity):
+        _group_norm_activation(model, f"{last}.norm3", active=False)
+        coupling = replace(group_norm(model, f"{last}.norm3"), affine_output=Tap(f"{last}.norm3", "output"))
+        activation = f"{last}.activation"
+    else:
+        _group_norm_activation(model, "bit.norm", active=True)
+        coupling, activation = group_norm(model, "bit.norm"), "bit.norm.activation"
+    return NormalisedHead(
+        feature_layer=f"{last}.conv3",
+        pre_activation=Tap(activation, "input"),
+        pooled=Tap("classifier.1", "input"),
+        channel_scale=scale,
+        activation=_activation(model, activation),
+        classifier="classifier.1",
+        coupling=coupling,
+    )
+
+
+@register("poolformer", PoolFormerForImageClassification)
+def describe_poolformer(model: PoolFormerForImageClassification) -> NormalisedHead:
+    """The last layer's output.conv2 (1x1), layer_scale_2, + shortcut -> norm (GroupNorm, 1 group) -> mean -> Linear.
+
+    The one-group GroupNorm normalises each sample over (C, H, W): the GroupNorm coupling. The mean is in the
+    model's forward, not a module: the pooled vector is read at the classifier's input.
+    """
+    blocks = model.poolformer.encoder.block
+    layer_name = f"poolformer.encoder.block.{len(blocks) - 1}.{len(blocks[-1]) - 1}"
+    layer = submodule(model, layer_name)
+    conv = require_plain_conv(model, f"{layer_name}.output.conv2")
+    if not isinstance(model.norm, nn.GroupNorm):
+        raise UnsupportedModel(f"norm is {type(model.norm).__name__}, not the GroupNorm before the pool")
+    _linear(model, "classifier")
+    gamma = getattr(layer, "layer_scale_2", None) if layer.use_layer_scale else None
+    scale = gamma.detach() if gamma is not None else conv.weight.new_ones(conv.out_channels).detach()
+    return NormalisedHead(
+        feature_layer=f"{layer_name}.output.conv2",
+        pre_activation=Tap("norm", "output"),
+        pooled=Tap("classifier", "input"),
+        channel_scale=scale,
+        activation=Activation("identity"),
+        classifier="classifier",
+        coupling=group_norm(model, "norm"),
+    )
+
+
+@register("focalnet", FocalNetForImageClassification)
+def describe_focalnet(model: FocalNetForImageClassification) -> NormalisedHead:
+    """Refused: focalnet.layernorm normalises every position across channels before the pool."""
+    raise UnsupportedModel(
+        "focalnet.layernorm (LayerNorm) normalises the last stage's output across channels at every position, "
+        "with statistics of each sample, before the pool: not a per-channel affine map or pooled-statistic "
+        "coupling flatscan has a closed form for"
     )

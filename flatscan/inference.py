@@ -4,13 +4,16 @@ flatscan measures the kernel a layer applies. Two kinds of timm layers store som
 
 - multi-branch blocks (RepVGG, MobileOne, RepGhost, RepViT, FastViT, ...) sum several convolutions at train
   time; timm fuses them into one kernel for inference (``timm.utils.reparameterize_model``);
-- weight-standardised convolutions (NFNet's ``ScaledStdConv2d``, BiT's ``StdConv2d``) standardise their stored
-  weight in every forward; the kernel they apply is ``gain * scale * (W - mean) / std``.
+- weight-standardised convolutions (NFNet's ``ScaledStdConv2d``, BiT's ``StdConv2d``, and transformers' BiT
+  ``WeightStandardizedConv2d``) standardise their stored weight in every forward; the kernel they apply is
+  ``gain * scale * (W - mean) / std``.
 
 :func:`inference_form` turns both into plain convolutions computing the same function.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,15 @@ from timm.utils import reparameterize_model
 from torch import nn
 
 _STANDARDISED = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
+# transformers' BiT module (transformers is optional: without the module imported, no such convolution exists).
+_TRANSFORMERS_BIT = "transformers.models.bit.modeling_bit"
+
+
+def _standardised() -> tuple[type[nn.Conv2d], ...]:
+    """The weight-standardised convolution classes: timm's, and transformers' BiT one once it is imported."""
+    bit = sys.modules.get(_TRANSFORMERS_BIT)
+    hf = getattr(bit, "WeightStandardizedConv2d", None)
+    return _STANDARDISED + ((hf,) if isinstance(hf, type) else ())
 
 
 def inference_form(model: nn.Module) -> nn.Module:
@@ -28,8 +40,9 @@ def inference_form(model: nn.Module) -> nn.Module:
     is unchanged up to rounding.
     """
     model = reparameterize_model(model.eval(), inplace=True)
+    standardised = _standardised()
     for name, module in list(model.named_modules()):
-        if isinstance(module, _STANDARDISED):
+        if isinstance(module, standardised):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, applied_conv(module))
     return model
@@ -51,7 +64,11 @@ def applied_conv(conv: nn.Conv2d) -> nn.Conv2d:
             momentum=0.0,
             eps=conv.eps,  # type: ignore[arg-type]
         ).reshape_as(conv.weight)
-    dynamic_same = getattr(conv, "same_pad", False)
+    # timm's *Same variants pad dynamically (same_pad); transformers' BiT conv through its DynamicPad2d ``pad``,
+    # the same TF 'SAME' padding (pad_h // 2 on top, the rest below; likewise for the width).
+    dynamic_same = getattr(conv, "same_pad", False) or (
+        type(conv).__module__ == _TRANSFORMERS_BIT and getattr(conv, "pad", None) is not None
+    )
     plain_type = Conv2dSame if dynamic_same else nn.Conv2d
     plain = plain_type(
         conv.in_channels,

@@ -120,15 +120,17 @@ def _processor_data_config(processor: Any, where: str) -> dict[str, Any]:
             f"the image processor of {where} ({type(processor).__name__}) does not resize, or rescales pixels other "
             f"than to [0, 1]: flatscan cannot reproduce it; {_NO_PROCESSOR}"
         )
-    if edge and getattr(processor, "crop_pct", None):
+    scaled = getattr(processor, "crop_pct", None)
+    if edge and scaled and crop is None:
         # ConvNeXt's processor (ResNet, RegNet, ConvNeXt): below 384 px it resizes the shortest edge to
         # int(edge / crop_pct) and crops edge x edge, as timm does; from 384 px on it resizes to edge x edge.
         height, width = edge, edge
         crop_pct, crop_mode = (processor.crop_pct, "center") if edge < 384 else (1.0, "squash")
-    elif edge and crop is not None:  # resize the shortest edge, crop (MobileNetV2)
+    elif edge and crop is not None:
+        # Resize the shortest edge (PoolFormer's processor: to int(edge / crop_pct)), crop (MobileNetV1/V2, BiT).
         height, width = crop["height"], crop["width"]
-        crop_pct, crop_mode = _crop_pct(height, edge), "center"
-    elif all(resized):  # resize to height x width, aspect ratio not kept (EfficientNet), crop
+        crop_pct, crop_mode = _crop_pct(height, int(edge / scaled) if scaled else edge), "center"
+    elif all(resized) and not scaled:  # resize to height x width, aspect ratio not kept (EfficientNet), crop
         height, width = (crop["height"], crop["width"]) if crop is not None else resized
         crop_pct, crop_mode = _crop_pct(height, resized[0]), "squash"
     else:

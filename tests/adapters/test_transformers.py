@@ -17,6 +17,9 @@ from hub_server import HubServer
 from torch import Tensor, nn
 from transformers import (
     AutoImageProcessor,
+    BitConfig,
+    BitForImageClassification,
+    BitImageProcessor,
     ConvNextConfig,
     ConvNextForImageClassification,
     ConvNextImageProcessor,
@@ -25,9 +28,17 @@ from transformers import (
     EfficientNetConfig,
     EfficientNetForImageClassification,
     EfficientNetImageProcessor,
+    FocalNetConfig,
+    FocalNetForImageClassification,
+    MobileNetV1Config,
+    MobileNetV1ForImageClassification,
+    MobileNetV1ImageProcessor,
     MobileNetV2Config,
     MobileNetV2ForImageClassification,
     MobileNetV2ImageProcessor,
+    PoolFormerConfig,
+    PoolFormerForImageClassification,
+    PoolFormerImageProcessor,
     RegNetConfig,
     RegNetForImageClassification,
     ResNetConfig,
@@ -58,6 +69,26 @@ def tiny_efficientnet(**overrides: object) -> EfficientNetForImageClassification
         num_labels=CLASSES,
     )
     return EfficientNetForImageClassification(EfficientNetConfig(**(config | overrides)))
+
+
+def tiny_bit(**overrides: object) -> BitForImageClassification:
+    """Two stages (stem stride 4, then 2): a 5 x 5 final map at 40 px; GroupNorms of 4 groups."""
+    config = dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2], num_groups=4, num_labels=CLASSES)
+    return BitForImageClassification(BitConfig(**(config | overrides)))
+
+
+def tiny_poolformer(**overrides: object) -> PoolFormerForImageClassification:
+    config = dict(
+        hidden_sizes=[8, 16],
+        depths=[1, 2],
+        num_encoder_blocks=2,
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        padding=[2, 1],
+        mlp_ratio=2.0,
+        num_labels=CLASSES,
+    )
+    return PoolFormerForImageClassification(PoolFormerConfig(**(config | overrides)))
 
 
 MODELS = {
@@ -101,6 +132,20 @@ MODELS = {
     "mobilenetv2": lambda: MobileNetV2ForImageClassification(
         MobileNetV2Config(depth_multiplier=0.025, finegrained_output=False, num_labels=CLASSES)
     ),
+    # The last pointwise layer (10 -> 10 channels), BatchNorm, ReLU6, TF padding; AdaptiveAvgPool2d.
+    "mobilenetv1": lambda: MobileNetV1ForImageClassification(
+        MobileNetV1Config(depth_multiplier=0.01, num_labels=CLASSES)
+    ),
+    # BiT (pre-activation): weight-standardised conv3 (inference form) + shortcut -> GroupNorm(4) -> ReLU -> GAP.
+    "bit_preact": lambda: flatscan.inference_form(tiny_bit()),
+    # Bottleneck layers, dynamic 'SAME' padding: conv3 -> GroupNorm(4) + shortcut -> GELU.
+    "bit_bottleneck": lambda: flatscan.inference_form(
+        tiny_bit(layer_type="bottleneck", global_padding="SAME", hidden_act="gelu")
+    ),
+    # PoolFormer: output.conv2 (1x1), layer_scale_2, + shortcut -> GroupNorm(1) over (C, H, W) -> mean -> Linear.
+    "poolformer": tiny_poolformer,
+    # ... without layer scale (scale 1).
+    "poolformer_no_layer_scale": lambda: tiny_poolformer(use_layer_scale=False, hidden_act="relu"),
 }
 
 FAMILIES = {
@@ -112,6 +157,11 @@ FAMILIES = {
     "convnextv2": ("convnext", "identity"),
     "efficientnet": ("efficientnet", "silu"),
     "mobilenetv2": ("mobilenetv2", "relu6"),
+    "mobilenetv1": ("mobilenetv1", "relu6"),
+    "bit_preact": ("bit", "relu"),
+    "bit_bottleneck": ("bit", "gelu"),
+    "poolformer": ("poolformer", "identity"),
+    "poolformer_no_layer_scale": ("poolformer", "identity"),
 }
 
 
@@ -135,14 +185,19 @@ def images_and_labels(size: int = SIZE, n: int = 3, seed: int = 1) -> tuple[Tens
 
 
 def prepare(model: nn.Module, seed: int = 0, size: int = SIZE) -> nn.Module:
-    """float64, eval, non-trivial BatchNorm statistics and ConvNeXt layer scales (initialised at 1e-6)."""
+    """float64, eval, non-trivial BatchNorm statistics, GroupNorm affines, and ConvNeXt's / PoolFormer's layer
+    scales (initialised at 1e-6 / 1e-5)."""
     generator = torch.Generator().manual_seed(seed)
     randomise_norms(model, generator)
     with torch.no_grad():
         for module in model.modules():
-            gamma = getattr(module, "layer_scale_parameter", None)
-            if isinstance(gamma, nn.Parameter):
-                gamma.copy_(0.5 + torch.rand(gamma.shape, generator=generator))
+            for name in ("layer_scale_parameter", "layer_scale_1", "layer_scale_2"):
+                gamma = getattr(module, name, None)
+                if isinstance(gamma, nn.Parameter):
+                    gamma.copy_(0.5 + torch.rand(gamma.shape, generator=generator))
+            if isinstance(module, nn.GroupNorm) and module.affine:
+                module.weight.copy_(0.5 + 1.5 * torch.rand(module.weight.shape, generator=generator))
+                module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=generator))
     model = model.double().eval()
     images, _ = images_and_labels(size)
     head = flatscan.describe(model)
@@ -195,12 +250,50 @@ def test_transformers_activations_are_read(hidden_act: str, expected: str) -> No
     assert result.activation == expected
 
 
-def test_verify_certifies_convnext() -> None:
+@pytest.mark.parametrize("name", ["convnext", "bit_preact", "poolformer"])
+def test_verify_certifies(name: str) -> None:
     torch.manual_seed(0)
-    model = prepare(MODELS["convnext"]())
+    model = prepare(MODELS[name]())
     result = flatscan.verify(model, images_and_labels(), pairs=8)
     assert result.passed and not result.degenerate, result
     assert result.downstream_layers == []
+
+
+@pytest.mark.parametrize("padding", [None, "SAME"])
+def test_bit_inference_form_keeps_the_function(padding: str | None) -> None:
+    # transformers' WeightStandardizedConv2d standardises its weight in every forward; the inference form holds
+    # the kernel it applies in a plain convolution ('SAME': timm's Conv2dSame for the strided 3x3 convs).
+    torch.manual_seed(0)
+    model = tiny_bit(global_padding=padding).double().eval()
+    images, _ = images_and_labels(size=37)  # odd: the dynamic 'SAME' padding is asymmetric
+    with torch.no_grad():
+        expected = model(images).logits
+    with pytest.raises(flatscan.UnsupportedModel, match=r"conv3 is WeightStandardizedConv2d, .*inference_form"):
+        flatscan.describe(model)
+    fused = flatscan.inference_form(model)
+    assert not any(type(m).__name__ == "WeightStandardizedConv2d" for m in fused.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(images).logits, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_saved_bit_loads_in_its_inference_form(tmp_path: Path) -> None:
+    model = tiny_bit(global_padding="SAME").eval()
+    model.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    assert loaded.architecture == "BitForImageClassification"
+    images, _ = images_and_labels(size=37, n=2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(images.float()).logits, model(images.float()).logits)
+    head = flatscan.describe(loaded.model)
+    assert (head.family, head.coupling.label) == ("bit", "GroupNorm(4)")
+
+
+def test_focalnet_is_refused_for_its_layernorm() -> None:
+    config = FocalNetConfig(embed_dim=8, depths=[1, 1], focal_levels=[2, 2], num_labels=CLASSES)
+    with pytest.raises(
+        flatscan.UnsupportedModel, match=r"^focalnet\.layernorm \(LayerNorm\) normalises .* every position"
+    ):
+        flatscan.describe(FocalNetForImageClassification(config))
 
 
 def test_efficientnet_pooler_beyond_its_window_is_refused() -> None:
@@ -236,6 +329,16 @@ PROCESSORS = {
     # MobileNetV2: shortest edge 46, centre crop 40, mean = std = 0.5.
     "mobilenetv2": MobileNetV2ImageProcessor(
         size={"shortest_edge": 46}, crop_size={"height": 40, "width": 40}, resample=2
+    ),
+    "mobilenetv1": MobileNetV1ImageProcessor(size={"shortest_edge": 46}, crop_size={"height": 38, "width": 38}),
+    "bit": BitImageProcessor(size={"shortest_edge": 46}, crop_size={"height": 40, "width": 40}),
+    # PoolFormer: shortest edge to int(40 / 0.8) = 50, centre crop 36 (not the edge, unlike ConvNeXt's).
+    "poolformer": PoolFormerImageProcessor(
+        size={"shortest_edge": 40}, crop_pct=0.8, crop_size={"height": 36, "width": 36}, resample=3
+    ),
+    # ... also from 384 px on (no ConvNeXt-style switch to a warp).
+    "poolformer_large": PoolFormerImageProcessor(
+        size={"shortest_edge": 400}, crop_pct=0.96, crop_size={"height": 384, "width": 384}
     ),
 }
 
