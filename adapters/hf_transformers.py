@@ -246,7 +246,7 @@ def describe_bit(model: BitForImageClassification) -> NormalisedHead:
     layer's activation -> pool -> Linear.
     """
     stages = model.bit.encoder.stages
-    last = f"bit.encoder.stages.{len(stages) - 1}.layers.{len(stages[-1].layers) - 1}"
+    last = f"bit.encoder.stages.{len(stages) - 1}.layers.{len(stages[-1].layers) - 1}"  # type: ignore[arg-type, index, union-attr]
     _require_global_average(model, "bit.pooler")
     _flatten_linear(model)
     conv = require_plain_conv(model, f"{last}.conv3")
