@@ -214,7 +214,7 @@ def scan_constants(model: nn.Module, head: NormalisedHead, device: torch.device,
     return Constants(
         feature_layer=feature_layer,
         # (classes, C): a 1x1-conv classifier's (classes, C, 1, 1) kernel is the same matrix
-        classifier_weight=modules[head.classifier].weight.detach().to(dtype).flatten(1),
+        classifier_weight=head.classifier_gain * modules[head.classifier].weight.detach().to(dtype).flatten(1),
         channel_scale=head.channel_scale.to(device, dtype),
         kernel_gram=kernel @ kernel.T,
     )

@@ -75,6 +75,9 @@ class NormalisedHead:
     head_fn: Callable[[Tensor], Tensor] | None = None
     channels: slice = field(default_factory=lambda: slice(None))
     coupling: PooledCoupling | ChannelNorm | None = None
+    # A fixed factor on the classifier's logits (EfficientViM weighs each stage's head by softmax(weights)); the
+    # other terms of such a sum do not depend on the feature layer, so they only shift the logits.
+    classifier_gain: float = 1.0
     family: str = ""  # set by the registry (flatscan.describe) to the family the adapter was registered under
 
     @property

@@ -1,13 +1,30 @@
-"""EfficientViM (and its distilled variant) is refused: LayerNorm2d before the pool, multi-branch state-space head."""
+"""EfficientViM: ffn.fc2 blended into the residual, LayerNorm2d before the pool, the last of several weighted heads."""
 
 from __future__ import annotations
 
-import pytest
-from helpers.adapters import CLASSES, assert_refused
+import torch
+from helpers.adapters import CLASSES, assert_matches_autograd, assert_refused
 from timm.models.efficientvim import EfficientViM, EfficientViMDistilled
 
 
-@pytest.mark.parametrize("model_class", [EfficientViM, EfficientViMDistilled])
-def test_efficientvim_is_refused(model_class: type[EfficientViM]) -> None:
+def tiny(model_class: type[EfficientViM]) -> EfficientViM:
     model = model_class(num_classes=CLASSES, embed_dim=(8, 8, 8), depths=(1, 1, 1), state_dim=(4, 4, 4))
-    assert_refused(model, "LayerNorm2d .* before the pool", size=64)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # away from timm's init: unequal head weights, blends and norm affines
+        model.weights.copy_(torch.randn(model.weights.shape, generator=generator))
+        for name, parameter in model.named_parameters():
+            if name.endswith("alpha") or ("norm." in name and name.startswith("norm")):
+                parameter.copy_(0.5 + torch.rand(parameter.shape, generator=generator))
+            if name.startswith("heads") and name.endswith("weight"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def test_efficientvim_matches_autograd() -> None:
+    head = assert_matches_autograd(tiny(EfficientViM), "efficientvim", size=64)
+    assert head.feature_layer == "stages.2.blocks.0.ffn.fc2.conv"
+    assert head.coupling is not None and 0 < head.classifier_gain < 1
+
+
+def test_distilled_efficientvim_is_refused() -> None:
+    assert_refused(tiny(EfficientViMDistilled), "two classifier sums", size=64)
