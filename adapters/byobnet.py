@@ -22,7 +22,15 @@ from timm.models.byobnet import (
 )
 from torch import nn
 
-from flatscan.contract import NormalisedHead, conv_norm_act, normalised_head, sole_activation, submodule
+from flatscan.contract import (
+    EVO_NORMS,
+    NormalisedHead,
+    conv_norm_act,
+    evo_norm_head,
+    normalised_head,
+    sole_activation,
+    submodule,
+)
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
 
@@ -52,6 +60,9 @@ def describe_byobnet(model: ByobNet) -> NormalisedHead:
             "attention pooling or a normalised MLP head is outside the class"
         )
     head: dict[str, Any] = {"pool": "head.global_pool", "classifier": "head.fc"}
+    if isinstance(model.final_conv, ConvNormAct) and isinstance(model.final_conv.bn, EVO_NORMS):
+        # RegNetZ-evos: EvoNorm-S0a, its own non-linearity through per-sample group statistics (coupled).
+        return evo_norm_head(model, feature_layer="final_conv.conv", norm="final_conv.bn", **head)
     if isinstance(model.final_conv, ConvNormAct):
         # num_features set (GENet, RegNetZ, ResNet33ts, ...): a 1x1 ConvNormAct after the last stage.
         conv, norm, act = conv_norm_act(model, "final_conv")

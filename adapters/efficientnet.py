@@ -11,7 +11,7 @@ from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedRes
 from timm.models.efficientnet import EfficientNet
 from torch import nn
 
-from flatscan.contract import NormalisedHead, Tap, normalised_head, submodule
+from flatscan.contract import EVO_NORMS, NormalisedHead, Tap, evo_norm_head, normalised_head, submodule
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
 
@@ -49,6 +49,8 @@ def _describe_last_block(model: EfficientNet) -> NormalisedHead:
 def describe_efficientnet(model: EfficientNet) -> NormalisedHead:
     if isinstance(model.conv_head, nn.Identity):
         return _describe_last_block(model)
+    if isinstance(model.bn2, EVO_NORMS):  # EvoNorm-S0 head: its own non-linearity through group statistics
+        return evo_norm_head(model, feature_layer="conv_head", norm="bn2", pool="global_pool", classifier="classifier")
     return normalised_head(
         model,
         feature_layer="conv_head",

@@ -12,7 +12,7 @@ from typing import Any
 from timm.models.resnetv2 import Bottleneck, PreActBasic, PreActBottleneck, ResNetV2
 from torch import nn
 
-from flatscan.contract import NormalisedHead, normalised_head, submodule
+from flatscan.contract import EVO_NORMS, NormalisedHead, evo_norm_head, normalised_head, submodule
 from flatscan.errors import UnsupportedModel
 from flatscan.registry import register
 
@@ -31,6 +31,8 @@ def describe_resnetv2(model: ResNetV2) -> NormalisedHead:
     block = submodule(model, block_name)
     if isinstance(block, (PreActBottleneck, PreActBasic)):
         last = "conv3" if isinstance(block, PreActBottleneck) else "conv2"
+        if isinstance(model.norm, EVO_NORMS):  # resnetv2_50d_evos: EvoNorm-S0, coupled through group statistics
+            return evo_norm_head(model, feature_layer=f"{block_name}.{last}", norm="norm", **head)
         act = _require_norm_act(model, "norm")
         return normalised_head(model, feature_layer=f"{block_name}.{last}", norm="norm", activation=act, **head)
     if not isinstance(block, Bottleneck):

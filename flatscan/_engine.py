@@ -168,11 +168,14 @@ def check_coupling(head: NormalisedHead, tapped: dict[str, Tensor], tap_dtype: t
         got, where = tapped["pre_activation"].flatten(2), head.pre_activation.module
     else:
         inner = coupling.inner_activation(inputs)
-        stats = torch.stack([inner.mean(-1), inner.square().mean(-1)][: coupling.moments], -1)
+        base = inputs if coupling.statistics_of_input else inner
+        stats = torch.stack([base.mean(-1), base.square().mean(-1)][: coupling.moments], -1)
         alpha, beta = coupling.affine(stats)
         expected = alpha[..., None] * inner + beta[..., None]
         got = tapped["affine_output" if coupling.affine_output is not None else "pre_activation"].flatten(2)
         where = (coupling.affine_output or head.pre_activation).module
+    if not isinstance(coupling, ChannelNorm) and coupling.statistics_dtype is not None:
+        tap_dtype = min(tap_dtype, coupling.statistics_dtype, key=lambda dtype: torch.finfo(dtype).bits)
     tolerance = min(1e3 * torch.finfo(tap_dtype).eps, 2e-2)
     if expected.shape != got.shape or (expected - got).abs().max() > tolerance * (1 + got.abs().max()):
         raise UnsupportedModel(
@@ -324,6 +327,7 @@ def sample_terms(
             coupling.moments,
             coupling.affine,
             derivatives,
+            coupling.statistics_of_input,
         )
         return CoupledSampleTerms(terms)
     slopes, curvatures = head.activation.derivatives(pre_activation)

@@ -24,20 +24,31 @@ Every helper raises :class:`~flatscan.errors.UnsupportedModel` with the reason f
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Conv2dSame, ConvNormAct, EcaModule, EffectiveSEModule, NormMlpClassifierHead, SEModule
+from timm.layers import (
+    Conv2dSame,
+    ConvNormAct,
+    EcaModule,
+    EffectiveSEModule,
+    EvoNorm2dS0,
+    EvoNorm2dS0a,
+    NormMlpClassifierHead,
+    SEModule,
+)
 from timm.layers import activations as timm_act
+from timm.layers import evo_norm as timm_evo_norm
 from timm.layers.conv2d_same import Conv2dSameExport
 from timm.models.senet import SEModule as LegacySEModule
 from torch import Tensor, nn
 
 from flatscan.errors import UnsupportedModel
-from flatscan.flatness import Activation
+from flatscan.flatness import Activation, ChannelSiLU
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # timm's activations_me calls torch.jit.script on import
@@ -445,8 +456,10 @@ class PooledCoupling:
     affine: Callable[[Tensor], tuple[Tensor, Tensor]]
     label: str
     moments: int = 1
-    inner_activation: Activation = field(default_factory=lambda: Activation("identity"))
+    inner_activation: Activation | ChannelSiLU = field(default_factory=lambda: Activation("identity"))
     affine_output: Tap | None = None
+    statistics_of_input: bool = False  # u are moments of y itself, not of w (EvoNorm-S0)
+    statistics_dtype: torch.dtype | None = None  # the module computes its statistics in this dtype (EvoNorm: float32)
     modules: tuple[str, ...] = ()  # the modules ``affine`` runs (a gate's convs): part of the tail, not downstream
 
 
@@ -574,4 +587,72 @@ def channel_layer_norm(model: nn.Module, name: str) -> ChannelNorm:
         bias=bias,
         eps=norm.eps,
         label=f"{type(norm).__name__} across channels",
+    )
+
+
+def evo_norm(model: nn.Module, norm: str) -> PooledCoupling:
+    """The coupling of timm's EvoNorm2dS0 / S0a ``norm``: ``rho(y) / std_g(y) * weight + bias``, with
+    rho(y) = y * sigmoid(v y) (or y without ``v``) and std_g the group standard deviation of y over channels and
+    positions: alpha = weight / std_g from the moments of y, beta = bias."""
+    found = submodule(model, norm)
+    if type(found) not in (EvoNorm2dS0, EvoNorm2dS0a):
+        raise UnsupportedModel(f"{norm} is {type(found).__name__}, not EvoNorm2dS0 / S0a")
+    module = cast(EvoNorm2dS0, found)
+    groups, eps = int(module.groups), float(module.eps)
+
+    def affine(stats: Tensor) -> tuple[Tensor, Tensor]:
+        n, channels, _ = stats.shape
+        grouped = stats.view(n, groups, channels // groups, 2).mean(2)
+        std = (grouped[..., 1] - grouped[..., 0].square() + eps).sqrt().repeat_interleave(channels // groups, 1)
+        alpha = cast(Tensor, module.weight) / std
+        return alpha, cast(Tensor, module.bias).expand_as(alpha)
+
+    inner: Activation | ChannelSiLU = (
+        Activation("identity") if module.v is None else ChannelSiLU(cast(Tensor, module.v).detach())
+    )
+    return PooledCoupling(
+        inner_input=Tap(norm, "input"),
+        affine=affine,
+        label=f"{type(module).__name__}({groups})",
+        moments=2,
+        inner_activation=inner,
+        statistics_of_input=True,
+        statistics_dtype=torch.float32,  # timm's group_std upcasts to float32 and back
+        modules=(norm,),
+    )
+
+
+@contextmanager
+def exact_evo_norm_statistics() -> Iterator[None]:
+    """timm's EvoNorm group std in the input's own dtype (it computes it in float32): for float64 references."""
+
+    def group_std(x: Tensor, groups: int = 32, eps: float = 1e-5, flatten: bool = False) -> Tensor:
+        b, c, h, w = x.shape
+        std = x.reshape(b, groups, -1).var(dim=2, unbiased=False, keepdim=True).add(eps).sqrt()
+        return std.expand(b, groups, c // groups * h * w).reshape(b, c, h, w)
+
+    original = timm_evo_norm.group_std
+    timm_evo_norm.group_std = group_std
+    try:
+        yield
+    finally:
+        timm_evo_norm.group_std = original
+
+
+EVO_NORMS = (EvoNorm2dS0, EvoNorm2dS0a)
+
+
+def evo_norm_head(model: nn.Module, *, feature_layer: str, norm: str, pool: str, classifier: str) -> NormalisedHead:
+    """feature_layer -> EvoNorm2dS0 / S0a ``norm`` (its own non-linearity, no activation after) -> GAP -> Linear."""
+    require_average_pool(submodule(model, pool), pool)
+    require_linear(submodule(model, classifier), classifier)
+    conv = require_plain_conv(model, feature_layer)
+    return NormalisedHead(
+        feature_layer=feature_layer,
+        pre_activation=Tap(norm, "output"),
+        pooled=Tap(classifier, "input"),
+        channel_scale=conv.weight.new_ones(conv.out_channels).detach(),
+        activation=Activation("identity"),
+        classifier=classifier,
+        coupling=evo_norm(model, norm),
     )

@@ -125,6 +125,29 @@ class Activation:
                 return t + v * dt, dt * (2 + v * (1 - sg - 2 * t * sg))
 
 
+@dataclass(frozen=True, eq=False)
+class ChannelSiLU:
+    """rho_c(y) = y * sigmoid(v_c y), a SiLU with a per-channel slope ``v`` (EvoNorm-S0's non-linearity).
+
+    Same interface as :class:`Activation` for tensors (N, C, L).
+    """
+
+    slope: Tensor
+    label: str = "y*sigmoid(v*y)"
+
+    def __call__(self, y: Tensor) -> Tensor:
+        return y * torch.sigmoid(self._slope(y) * y)
+
+    def derivatives(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        v = self._slope(y)
+        sg = torch.sigmoid(v * y)
+        ds = sg * (1 - sg)
+        return sg + v * y * ds, 2 * v * ds + v.square() * y * ds * (1 - 2 * sg)
+
+    def _slope(self, y: Tensor) -> Tensor:
+        return self.slope.to(y)[:, None]
+
+
 def conv_patches(
     inputs: Tensor,
     kernel_size: tuple[int, int],
@@ -441,24 +464,32 @@ def coupled_terms(
     inner_input: Tensor,
     pre_activation: Tensor,
     patches: Tensor,
-    inner: Activation,
+    inner: Activation | ChannelSiLU,
     outer: Activation,
     moments: int,
     affine: Callable[[Tensor], tuple[Tensor, Tensor]],
     head: HeadDerivatives,
+    statistics_of_input: bool = False,
 ) -> CoupledTerms:
     """The pieces of a pooled-statistic tail's Hessian contraction, per sample (formulas in the comment above).
 
     ``inner_input`` is y and ``pre_activation`` v, both (N, C, L); ``patches`` (N, 1, D, L) (one group);
     ``affine`` maps the pooled moments u (N, C, ``moments``) to (alpha, beta), each (N, C); ``head`` holds e, B.
+    The moments are of w = inner(y), or of y itself with ``statistics_of_input`` (psi then acts on y).
     """
     n, channels, positions = inner_input.shape
     w = inner(inner_input)
     rho1, rho2 = inner.derivatives(inner_input)
     sig1, sig2 = outer.derivatives(pre_activation)
-    psi1 = torch.stack([rho1, 2 * w * rho1][:moments], 1)  # (N, k, C, L)
-    psi2 = torch.stack([rho2, 2 * rho1.square() + 2 * w * rho2][:moments], 1)
-    stats = torch.stack([w.mean(-1), w.square().mean(-1)][:moments], -1)  # (N, C, k)
+    if statistics_of_input:  # moments of y itself (EvoNorm's group std), the gate scales w = rho(y)
+        ones = torch.ones_like(inner_input)
+        psi1 = torch.stack([ones, 2 * inner_input][:moments], 1)
+        psi2 = torch.stack([torch.zeros_like(ones), 2 * ones][:moments], 1)
+        stats = torch.stack([inner_input.mean(-1), inner_input.square().mean(-1)][:moments], -1)
+    else:
+        psi1 = torch.stack([rho1, 2 * w * rho1][:moments], 1)  # (N, k, C, L)
+        psi2 = torch.stack([rho2, 2 * rho1.square() + 2 * w * rho2][:moments], 1)
+        stats = torch.stack([w.mean(-1), w.square().mean(-1)][:moments], -1)  # (N, C, k)
     with torch.enable_grad():
         alpha, _ = affine(stats)
     alpha = alpha.detach()[..., None]

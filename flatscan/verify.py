@@ -30,7 +30,7 @@ from flatscan._engine import (
     sample_terms,
     scan_constants,
 )
-from flatscan.contract import NormalisedHead
+from flatscan.contract import NormalisedHead, exact_evo_norm_statistics
 from flatscan.registry import describe
 
 # One-hot filters pushed through the feature layer together (memory: chunk x one output channel).
@@ -311,6 +311,13 @@ def verify(
 
     The model is copied (the caller's is untouched). Raises :class:`UnsupportedModel` as ``scan`` does.
     """
+    with exact_evo_norm_statistics():  # float64 throughout: timm's EvoNorm would take its group std in float32
+        return _verify_copy(model, batch, pairs, seed, tolerance)
+
+
+def _verify_copy(
+    model: nn.Module, batch: tuple[Tensor, Tensor], pairs: int, seed: int, tolerance: float
+) -> VerifyResult:
     model = _twice_differentiable(copy.deepcopy(model).to("cpu", torch.float64).eval())
     for parameter in model.parameters():
         parameter.requires_grad_(False)

@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 from helpers.adapters import CLASSES, assert_matches_autograd, images_and_labels, prepare
-from timm.layers import GroupNorm, GroupNormAct, SEModule, create_conv2d, get_act_layer
+from timm.layers import EvoNorm2dS0, EvoNorm2dS0a, GroupNorm, GroupNormAct, SEModule, create_conv2d, get_act_layer
 from timm.layers.activations import HardSigmoid
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.resnetv2 import ResNetV2
@@ -22,6 +22,7 @@ from timm.models.vovnet import VovNet
 from torch import nn
 
 import flatscan
+from flatscan.contract import exact_evo_norm_statistics
 
 
 def tiny_resnet(block: type[nn.Module] = Bottleneck, **kwargs: object) -> ResNet:
@@ -155,4 +156,36 @@ def test_layer_norm_efficientnet_head_is_verified() -> None:
     head = flatscan.describe(model)
     assert head.coupling is not None and "LayerNorm" in head.coupling.label
     result = flatscan.verify(model, images_and_labels(size=32, n=2), pairs=8)
+    assert result.passed, result
+
+
+def randomise_evo_norms(model: nn.Module, seed: int = 6) -> nn.Module:
+    """EvoNorm weights, biases and SiLU slopes v away from their init (1, 0, 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (EvoNorm2dS0, EvoNorm2dS0a)):
+                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=generator))
+                module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=generator))
+                if module.v is not None:
+                    module.v.copy_(0.5 + torch.rand(module.v.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("norm", [EvoNorm2dS0, EvoNorm2dS0a], ids=["s0", "s0a"])
+def test_evo_norm_preact_matches_autograd(norm: type[nn.Module]) -> None:
+    # resnetv2_50d_evos (EvoNorm-S0) and regnetz_*_evos (S0a): x * sigmoid(v x) / group_std(x) * weight + bias, its
+    # own non-linearity, over conv3 + shortcut, then the pool.
+    model = randomise_evo_norms(tiny_resnetv2(norm_layer=partial(norm, group_size=4)))
+    with exact_evo_norm_statistics():  # timm takes the group std in float32; the reference needs float64
+        head = assert_matches_autograd(model, "resnetv2", size=32)
+    assert head.coupling is not None and head.coupling.statistics_of_input
+
+
+@pytest.mark.parametrize("name", ["regnetz_c16_evos", "test_efficientnet_evos"])
+def test_evo_norm_heads_are_verified(name: str) -> None:
+    model = randomise_evo_norms(prepare(timm.create_model(name, num_classes=CLASSES)))
+    head = flatscan.describe(model)
+    assert head.coupling is not None and "EvoNorm" in head.coupling.label
+    result = flatscan.verify(model, images_and_labels(size=64, n=2), pairs=8)
     assert result.passed, result
