@@ -185,7 +185,8 @@ def prepare_tapped(
 
 
 def scan_constants(model: nn.Module, head: NormalisedHead, device: torch.device, dtype: torch.dtype) -> Constants:
-    """The feature layer, the classifier's weight, the channel scale and the kernel Gram matrix K K^T in ``dtype``."""
+    """The feature layer, the classifier's weight, the channel scale and the kernel Gram matrix K K^T in ``dtype``
+    (within-group pairs only for a grouped convolution: :func:`within_group_gram`)."""
     modules = dict(model.named_modules())
     feature_layer = modules[head.feature_layer]
     kernel = feature_layer.weight.detach().to(dtype).flatten(1)
@@ -194,8 +195,22 @@ def scan_constants(model: nn.Module, head: NormalisedHead, device: torch.device,
         # (classes, C): a 1x1-conv classifier's (classes, C, 1, 1) kernel is the same matrix
         classifier_weight=modules[head.classifier].weight.detach().to(dtype).flatten(1),
         channel_scale=head.channel_scale.to(device, dtype),
-        kernel_gram=kernel @ kernel.T,
+        kernel_gram=within_group_gram(kernel, getattr(feature_layer, "groups", 1)),
     )
+
+
+def within_group_gram(kernel: Tensor, groups: int) -> Tensor:
+    """K K^T of the flattened filters (C, D), zero between filters of different groups.
+
+    A grouped convolution is ``groups`` independent layers on disjoint input channels: relative flatness sums
+    only pairs (c, c') of the same group (the spec's "Grouped and depthwise feature layers"); for a depthwise
+    layer only the diagonal ||K_c||^2 remains.
+    """
+    gram = kernel @ kernel.T
+    if groups == 1:
+        return gram
+    group = torch.arange(kernel.shape[0], device=kernel.device) // (kernel.shape[0] // groups)
+    return gram * (group[:, None] == group[None, :]).to(gram.dtype)
 
 
 def head_taps(head: NormalisedHead) -> dict[str, Tap]:
