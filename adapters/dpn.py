@@ -25,18 +25,18 @@ def describe_dpn(model: DPN) -> NormalisedHead:
         raise UnsupportedModel("features does not end in a DualPathBlock then conv5_bn_ac (the model was pruned)")
     block_name = f"features.{names[-2]}"
     block = model.features[-2]
-    total = model.features.conv5_bn_ac.bn.num_features
+    total = int(submodule(model, "features.conv5_bn_ac.bn").num_features)
     if block.c1x1_c2 is None:
         # Plain layout: c1x1_c.conv's first num_1x1_c channels join the residual path (pooled 0:num_1x1_c), its
         # last inc channels are the new dense channels (the last inc pooled channels).
         feature_layer = f"{block_name}.c1x1_c.conv"
-        residual, growth = block.num_1x1_c, block.inc
+        residual, growth = int(block.num_1x1_c), int(block.inc)
         if submodule(model, feature_layer).out_channels != residual + growth:
             raise UnsupportedModel(f"{feature_layer} does not give num_1x1_c + inc channels: not the layout it knows")
         channels: slice | torch.Tensor = torch.cat([torch.arange(residual), torch.arange(total - growth, total)])
     else:
         feature_layer = f"{block_name}.c1x1_c2"
-        growth = submodule(model, feature_layer).out_channels
+        growth = int(submodule(model, feature_layer).out_channels)
         channels = slice(total - growth, total)
     return normalised_head(
         model,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import partial
 
+import torch
 from timm.layers import NormMlpClassifierHead
 from timm.models.rdnet import Block, BlockESE, DenseStage, RDNet
 from torch import nn
@@ -53,22 +54,30 @@ def describe_rdnet(model: RDNet) -> NormalisedHead:
     feature_layer = f"{block_name}.layers.layers.{last_conv}"
     growth = layers[last_conv].out_channels
     total = stage.num_out_features
-    common = {
-        "feature_layer": feature_layer,
-        "pre_activation": Tap(stage_name, "output"),
-        "pooled": Tap("head.global_pool", "output"),
-        "classifier": "head.fc",
-        "head_fn": partial(norm_mlp_head_logits, model.head),
-        "channels": slice(total - growth, total),
-    }
+    pre_activation, pooled = Tap(stage_name, "output"), Tap("head.global_pool", "output")
+    head_fn, channels = partial(norm_mlp_head_logits, model.head), slice(total - growth, total)
+    gamma = block.gamma
+    assert gamma is None or isinstance(gamma, torch.Tensor)
+
+    def head(layer_scale: torch.Tensor | None) -> NormalisedHead:
+        return layer_scaled_residual_head(
+            model,
+            feature_layer=feature_layer,
+            layer_scale=layer_scale,
+            pre_activation=pre_activation,
+            pooled=pooled,
+            classifier="head.fc",
+            head_fn=head_fn,
+            channels=channels,
+        )
+
     if isinstance(block.layers, Block):
-        return layer_scaled_residual_head(model, layer_scale=block.gamma, **common)
+        return head(gamma)
     # BlockESE: conv -> eSE gate (x * gate(fc(mean x))) -> * gamma, concatenated into the last growth channels.
     gate = f"{block_name}.layers.layers.{len(layers) - 1}"
     coupling = squeeze_excitation(
-        model, gate, Tap(gate, "input"), scale=None if block.gamma is None else block.gamma.detach().flatten()
+        model, gate, Tap(gate, "input"), scale=None if gamma is None else gamma.detach().flatten()
     )
     # The gate's input and the pre-activation's channels both hold the feature layer's channels only: the
     # gate's taps are not cut to the pooled channels (pooled_layout False); v is read in the stage's concat.
-    head = layer_scaled_residual_head(model, layer_scale=None, **common)
-    return replace(head, coupling=replace(coupling, affine_output=None, pooled_layout=False))
+    return replace(head(None), coupling=replace(coupling, affine_output=None, pooled_layout=False))

@@ -163,7 +163,7 @@ def check_normalisation(
     expected = head.activation(pre_activation).mean(-1)
     if (head.pooled_offset is None) != (pooled_offset is None):
         raise ValueError("pooled_offset is the tensor read at head.pooled_offset, given exactly when it is set")
-    if pooled_offset is not None:
+    if pooled_offset is not None and head.pooled_offset is not None:
         if pooled_offset.shape != pre_activation.shape:
             raise UnsupportedModel(
                 f"the term added after the activation ({head.pooled_offset.point} of {head.pooled_offset.module}) "

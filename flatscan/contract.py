@@ -358,7 +358,7 @@ def layer_scaled_residual_head(
     pooled: Tap,
     classifier: str,
     head_fn: Callable[[Tensor], Tensor] | None = None,
-    channels: slice | None = None,
+    channels: slice | Tensor | None = None,
 ) -> NormalisedHead:
     """feature_layer -> [* layer_scale] [+ shortcut] -> GAP -> head, with no activation in between (ConvNeXt-like).
 
