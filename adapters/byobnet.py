@@ -2,11 +2,13 @@
 the last block's last conv and its BatchNorm, + shortcut, the block's activation; ClassifierHead (GAP -> Linear).
 
 RepVGG and MobileOne blocks sum several conv branches at train time; timm fuses them into one ``reparam_conv``
-for deployment. Only the fused block is measured: its kernel is the one the deployed model applies.
+for deployment. Only the fused block is measured: its kernel is the one the deployed model applies. Their SE
+variants (mobileone_s4, repvgg_d2se) gate the fused conv's output, act(attn(reparam_conv(x))): a coupled tail.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from timm.layers import ClassifierHead, ConvNormAct
@@ -25,10 +27,12 @@ from torch import nn
 from flatscan.contract import (
     EVO_NORMS,
     NormalisedHead,
+    Tap,
     conv_norm_act,
     evo_norm_head,
     normalised_head,
     sole_activation,
+    squeeze_excitation,
     submodule,
 )
 from flatscan.errors import UnsupportedModel
@@ -79,9 +83,14 @@ def describe_byobnet(model: ByobNet) -> NormalisedHead:
                 "fused into one kernel for inference; reparameterise the model first (flatscan.inference_form(model), "
                 "which flatscan's loader applies) so the measure is about the kernel it applies"
             )
-        _require_no_gate(model, f"{block_name}.attn")
         act = f"{block_name}.act"
-        return normalised_head(model, feature_layer=f"{block_name}.reparam_conv", norm=None, activation=act, **head)
+        fused = normalised_head(model, feature_layer=f"{block_name}.reparam_conv", norm=None, activation=act, **head)
+        if isinstance(submodule(model, f"{block_name}.attn"), nn.Identity):
+            return fused
+        # mobileone_s4, repvgg_d2se: act(attn(reparam_conv(x))), the SE gate right on the fused conv's output
+        # (no norm, no residual in the inference form): a tail coupled through the pooled mean.
+        gate = f"{block_name}.attn"
+        return replace(fused, coupling=squeeze_excitation(model, gate, Tap(gate, "input")))
     if type(block) not in _LAST_CONV:
         raise UnsupportedModel(
             f"the last block {block_name} is {type(block).__name__}, a block type the byobnet adapter does not know"

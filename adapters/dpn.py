@@ -1,14 +1,16 @@
-"""timm DPN (dual path networks): the last block's c1x1_c2 (DPN-b layout) feeds the last ``inc`` pooled channels.
+"""timm DPN (dual path networks): the last block's conv feeds pooled channels through conv5_bn_ac.
 
-Each DualPathBlock returns cat([residual path, dense path, new dense channels]); conv5_bn_ac (BatchNorm ->
-activation) then spans all of them. In the '-b' layout the new dense channels come from their own 1x1 conv,
-c1x1_c2, which is the feature layer (a channel slice, as in DenseNet). In the plain layout one conv, c1x1_c,
-feeds both the first (residual) and the last (dense) pooled channels, a layout the contract cannot express.
+Each DualPathBlock returns cat([residual path + out1, dense path, out2]); conv5_bn_ac (BatchNorm -> activation)
+then spans all of them. In the '-b' layout the new dense channels out2 come from their own 1x1 conv, c1x1_c2,
+which is the feature layer (the last ``inc`` pooled channels, a slice as in DenseNet). In the plain layout one
+conv, c1x1_c.conv, gives both out1 (added to the residual path: the first ``num_1x1_c`` pooled channels) and
+out2 (the last ``inc``): the feature layer then feeds an index set of two blocks of pooled channels.
 timm's DPNs apply ELU in conv5_bn_ac, for which flatscan has no closed form: those are refused by name.
 """
 
 from __future__ import annotations
 
+import torch
 from timm.models.dpn import DPN, DualPathBlock
 
 from flatscan.contract import NormalisedHead, normalised_head, submodule
@@ -23,15 +25,19 @@ def describe_dpn(model: DPN) -> NormalisedHead:
         raise UnsupportedModel("features does not end in a DualPathBlock then conv5_bn_ac (the model was pruned)")
     block_name = f"features.{names[-2]}"
     block = model.features[-2]
+    total = int(submodule(model, "features.conv5_bn_ac.bn").num_features)  # type: ignore[arg-type]
     if block.c1x1_c2 is None:
-        raise UnsupportedModel(
-            f"{block_name}.c1x1_c.conv feeds both the first (residual) and the last (dense) pooled channels: "
-            "not one contiguous block of channels, which the contract needs (only DPN '-b' models, with a "
-            "separate c1x1_c2, are supported)"
-        )
-    feature_layer = f"{block_name}.c1x1_c2"
-    growth = submodule(model, feature_layer).out_channels
-    total = model.features.conv5_bn_ac.bn.num_features  # type: ignore[union-attr]
+        # Plain layout: c1x1_c.conv's first num_1x1_c channels join the residual path (pooled 0:num_1x1_c), its
+        # last inc channels are the new dense channels (the last inc pooled channels).
+        feature_layer = f"{block_name}.c1x1_c.conv"
+        residual, growth = int(block.num_1x1_c), int(block.inc)
+        if submodule(model, feature_layer).out_channels != residual + growth:
+            raise UnsupportedModel(f"{feature_layer} does not give num_1x1_c + inc channels: not the layout it knows")
+        channels: slice | torch.Tensor = torch.cat([torch.arange(residual), torch.arange(total - growth, total)])
+    else:
+        feature_layer = f"{block_name}.c1x1_c2"
+        growth = int(submodule(model, feature_layer).out_channels)  # type: ignore[arg-type]
+        channels = slice(total - growth, total)
     return normalised_head(
         model,
         feature_layer=feature_layer,
@@ -39,5 +45,5 @@ def describe_dpn(model: DPN) -> NormalisedHead:
         activation="features.conv5_bn_ac.bn.act",
         pool="global_pool",
         classifier="classifier",
-        channels=slice(total - growth, total),  # type: ignore[operator]
+        channels=channels,
     )

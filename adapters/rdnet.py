@@ -3,13 +3,17 @@
 As in DenseNet, the stage concatenates its input and every block's output, so the feature layer feeds only
 the last channels of the pooled vector; no residual is added to them and no activation follows. The head
 is NormMlpClassifierHead (GAP -> LayerNorm -> Linear). Blocks ending in an eSE gate (BlockESE, all of timm's
-pretrained RDNets) and head_norm_first models (a per-position norm before the pool) are refused.
+pretrained RDNets): the 1x1 conv's output goes through EffectiveSEModule, then the layer scale gamma, a tail
+coupled through the pooled mean (flatscan.contract.squeeze_excitation, gamma folded into alpha).
+head_norm_first models (a per-position norm before the pool) are refused.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
+import torch
 from timm.layers import NormMlpClassifierHead
 from timm.models.rdnet import Block, BlockESE, DenseStage, RDNet
 from torch import nn
@@ -20,6 +24,7 @@ from flatscan.contract import (
     layer_scaled_residual_head,
     norm_mlp_head_logits,
     require_average_pool,
+    squeeze_excitation,
     submodule,
 )
 from flatscan.errors import UnsupportedModel
@@ -42,22 +47,37 @@ def describe_rdnet(model: RDNet) -> NormalisedHead:
         raise UnsupportedModel(f"{stage_name} is {type(stage).__name__}, not a DenseStage: not the layout it knows")
     block_name, block = list(stage.named_children())[-1]
     block_name = f"{stage_name}.{block_name}"
-    if isinstance(block.layers, BlockESE):
-        raise UnsupportedModel(
-            f"{block_name}.layers (BlockESE) ends in an eSE gate computed from the feature layer's output, "
-            "between the feature layer and the pool: not element-wise"
-        )
-    if not isinstance(block.layers, Block):
+    if not isinstance(block.layers, (Block, BlockESE)):
         raise UnsupportedModel(f"{block_name}.layers is {type(block.layers).__name__}: not the layout it knows")
-    growth = block.layers.layers[-1].out_channels
+    layers = block.layers.layers
+    last_conv = len(layers) - (2 if isinstance(block.layers, BlockESE) else 1)
+    feature_layer = f"{block_name}.layers.layers.{last_conv}"
+    growth = layers[last_conv].out_channels
     total = stage.num_out_features
-    return layer_scaled_residual_head(
-        model,
-        feature_layer=f"{block_name}.layers.layers.{len(block.layers.layers) - 1}",
-        layer_scale=block.gamma,  # type: ignore[arg-type]
-        pre_activation=Tap(stage_name, "output"),
-        pooled=Tap("head.global_pool", "output"),
-        classifier="head.fc",
-        head_fn=partial(norm_mlp_head_logits, model.head),
-        channels=slice(total - growth, total),  # type: ignore[operator]
+    pre_activation, pooled = Tap(stage_name, "output"), Tap("head.global_pool", "output")
+    head_fn, channels = partial(norm_mlp_head_logits, model.head), slice(total - growth, total)  # type: ignore[operator]
+    gamma = block.gamma
+    assert gamma is None or isinstance(gamma, torch.Tensor)
+
+    def head(layer_scale: torch.Tensor | None) -> NormalisedHead:
+        return layer_scaled_residual_head(
+            model,
+            feature_layer=feature_layer,
+            layer_scale=layer_scale,
+            pre_activation=pre_activation,
+            pooled=pooled,
+            classifier="head.fc",
+            head_fn=head_fn,
+            channels=channels,
+        )
+
+    if isinstance(block.layers, Block):
+        return head(gamma)
+    # BlockESE: conv -> eSE gate (x * gate(fc(mean x))) -> * gamma, concatenated into the last growth channels.
+    gate = f"{block_name}.layers.layers.{len(layers) - 1}"
+    coupling = squeeze_excitation(
+        model, gate, Tap(gate, "input"), scale=None if gamma is None else gamma.detach().flatten()
     )
+    # The gate's input and the pre-activation's channels both hold the feature layer's channels only: the
+    # gate's taps are not cut to the pooled channels (pooled_layout False); v is read in the stage's concat.
+    return replace(head(None), coupling=replace(coupling, affine_output=None, pooled_layout=False))

@@ -137,18 +137,52 @@ class Constants:
     kernel_gram: Tensor
 
 
+def channel_index(head: NormalisedHead, device: torch.device) -> slice | Tensor:
+    """The head's pooled channels as an index for tensors on ``device`` (a slice, or a LongTensor there)."""
+    return head.channels if isinstance(head.channels, slice) else head.channels.to(device)
+
+
+def tapped_offset(tapped: dict[str, Tensor]) -> Tensor | None:
+    """The term added after the activation (tapped at ``head.pooled_offset``) as (N, C, L), or None."""
+    offset = tapped.get("pooled_offset")
+    return None if offset is None else offset.flatten(2)
+
+
 def check_normalisation(
-    head: NormalisedHead, pre_activation: Tensor, pooled: Tensor, logits: Tensor, tap_dtype: torch.dtype
+    head: NormalisedHead,
+    pre_activation: Tensor,
+    pooled: Tensor,
+    logits: Tensor,
+    tap_dtype: torch.dtype,
+    pooled_offset: Tensor | None = None,
 ) -> None:
-    """Refuse a model whose pooled vector (or logits) the normalised head does not reproduce."""
+    """Refuse a model whose pooled vector (or logits) the normalised head does not reproduce.
+
+    ``pooled_offset`` is the tapped term added after the activation (``head.pooled_offset``), (N, C, L), cut to
+    the head's channels; its mean over positions is added to the expected pooled vector.
+    """
     # Loose enough for the rounding of a half-precision (--amp) forward, tight enough to catch a wrong head.
     tolerance = min(1e3 * torch.finfo(tap_dtype).eps, 2e-2)
-    got = pooled[:, head.channels]
+    got = pooled[:, channel_index(head, pooled.device)]
     expected = head.activation(pre_activation).mean(-1)
-    if (expected - got).abs().max() > tolerance * (1 + got.abs().max()):
+    if (head.pooled_offset is None) != (pooled_offset is None):
+        raise ValueError("pooled_offset is the tensor read at head.pooled_offset, given exactly when it is set")
+    if pooled_offset is not None and head.pooled_offset is not None:
+        if pooled_offset.shape != pre_activation.shape:
+            raise UnsupportedModel(
+                f"the term added after the activation ({head.pooled_offset.point} of {head.pooled_offset.module}) "
+                f"has shape {tuple(pooled_offset.shape)}, not the pre-activation's {tuple(pre_activation.shape)}"
+            )
+        expected = expected + pooled_offset.mean(-1)
+    if expected.shape != got.shape or (expected - got).abs().max() > tolerance * (1 + got.abs().max()):
+        offset = (
+            ""
+            if head.pooled_offset is None
+            else f" + the mean of {head.pooled_offset.module}'s {head.pooled_offset.point}"
+        )
         raise UnsupportedModel(
             f"the pooled vector ({head.pooled.point} of {head.pooled.module}) is not the average of "
-            f"{head.activation.label}(pre-activation at {head.pre_activation.module}): something between "
+            f"{head.activation.label}(pre-activation at {head.pre_activation.module}){offset}: something between "
             f"the feature layer and the pool is not element-wise, or the {head.family} adapter is wrong"
         )
     if head.head_fn is not None:
@@ -201,16 +235,21 @@ def prepare_tapped(
     tapped = {key: value.to(dtype) for key, value in tapped.items()}
     if head.pre_activation.channels_last:
         tapped["pre_activation"] = tapped["pre_activation"].movedim(-1, 1)
-    taps = {"pre_activation": head.pre_activation, **coupling_taps(head)}
-    for key, tap in taps.items():
-        if tap.channels_last and key != "pre_activation":
+    if head.pooled_offset is not None and head.pooled_offset.channels_last:
+        tapped["pooled_offset"] = tapped["pooled_offset"].movedim(-1, 1)
+    for key, tap in coupling_taps(head).items():
+        if tap.channels_last:
             tapped[key] = tapped[key].movedim(-1, 1)
-        tapped[key] = tapped[key][:, head.channels]
+    offset = ("pooled_offset",) if head.pooled_offset is not None else ()
+    coupled = tuple(coupling_taps(head)) if head.coupling is not None and head.coupling.pooled_layout else ()
+    for key in ("pre_activation", *offset, *coupled):
+        tapped[key] = tapped[key][:, channel_index(head, tapped[key].device)]
     return tapped, logits.to(dtype)
 
 
 def scan_constants(model: nn.Module, head: NormalisedHead, device: torch.device, dtype: torch.dtype) -> Constants:
-    """The feature layer, the classifier's weight, the channel scale and the kernel Gram matrix K K^T in ``dtype``."""
+    """The feature layer, the classifier's weight, the channel scale and the kernel Gram matrix K K^T in ``dtype``
+    (within-group pairs only for a grouped convolution: :func:`within_group_gram`)."""
     modules = dict(model.named_modules())
     feature_layer = modules[head.feature_layer]
     kernel = feature_layer.weight.detach().to(dtype).flatten(1)
@@ -219,8 +258,22 @@ def scan_constants(model: nn.Module, head: NormalisedHead, device: torch.device,
         # (classes, C): a 1x1-conv classifier's (classes, C, 1, 1) kernel is the same matrix
         classifier_weight=head.classifier_gain * modules[head.classifier].weight.detach().to(dtype).flatten(1),
         channel_scale=head.channel_scale.to(device, dtype),
-        kernel_gram=kernel @ kernel.T,
+        kernel_gram=within_group_gram(kernel, getattr(feature_layer, "groups", 1)),
     )
+
+
+def within_group_gram(kernel: Tensor, groups: int) -> Tensor:
+    """K K^T of the flattened filters (C, D), zero between filters of different groups.
+
+    A grouped convolution is ``groups`` independent layers on disjoint input channels: relative flatness sums
+    only pairs (c, c') of the same group (the spec's "Grouped and depthwise feature layers"); for a depthwise
+    layer only the diagonal ||K_c||^2 remains.
+    """
+    gram = kernel @ kernel.T
+    if groups == 1:
+        return gram
+    group = torch.arange(kernel.shape[0], device=kernel.device) // (kernel.shape[0] // groups)
+    return gram * (group[:, None] == group[None, :]).to(gram.dtype)
 
 
 def head_taps(head: NormalisedHead) -> dict[str, Tap]:
@@ -230,6 +283,7 @@ def head_taps(head: NormalisedHead) -> dict[str, Tap]:
         "pre_activation": head.pre_activation,
         "pooled": head.pooled,
         "classifier_input": Tap(head.classifier, "input"),
+        **({} if head.pooled_offset is None else {"pooled_offset": head.pooled_offset}),
         **coupling_taps(head),
     }
 
@@ -302,7 +356,7 @@ def sample_terms(
         derivatives = flatness.linear_head_derivatives(logits, labels, const.classifier_weight)
     else:
         derivatives = flatness.head_derivatives(head.head_fn, tapped["pooled"].flatten(1), labels)
-    derivatives = derivatives.select(head.channels)
+    derivatives = derivatives.select(channel_index(head, pre_activation.device))
     if isinstance(head.coupling, ChannelNorm):
         norm = head.coupling
         return CoupledSampleTerms(

@@ -70,9 +70,14 @@ class NormalisedHead:
 
     The tensor read at ``pre_activation`` has the pooled vector's channel layout, and its channels
     ``channels`` are ``v = channel_scale * feature_layer(A) + shift + residual`` (all of them, unless the
-    feature layer feeds only some pooled channels, as in DenseNet). ``h = mean over positions of
-    activation(v)`` is ``h[:, channels]`` of the pooled vector read at ``pooled``; logits are
-    ``classifier(h)`` (linear head, ``head_fn`` None) or ``head_fn(h)``.
+    feature layer feeds only some pooled channels: a slice as in DenseNet, or an index set, a LongTensor or a
+    list of indices, in the feature layer's output order, as in DPN, whose conv feeds two blocks). ``h = mean
+    over positions of activation(v)`` + ``pooled_offset`` is ``h[:, channels]`` of the pooled vector read at
+    ``pooled``; logits are ``classifier(h)`` (linear head, ``head_fn`` None) or ``head_fn(h)``.
+    ``pooled_offset`` (None: 0) is where a term added after the activation is read, a tensor in the
+    pre-activation's layout that does not depend on the feature layer's kernel (DarkNet's residual, added after
+    the block's activation): its mean over positions is a constant shift of h, which leaves e, B and the
+    closed form as they are.
     ``classifier`` is the final Linear layer, whose input the classifier-layer flatness uses.
     ``family`` is the name the adapter was registered under: :func:`flatscan.describe` sets it, adapters leave it.
     """
@@ -84,12 +89,20 @@ class NormalisedHead:
     activation: Activation
     classifier: str
     head_fn: Callable[[Tensor], Tensor] | None = None
-    channels: slice = field(default_factory=lambda: slice(None))
+    channels: slice | Tensor = field(default_factory=lambda: slice(None))
     coupling: PooledCoupling | ChannelNorm | None = None
+    pooled_offset: Tap | None = None
     # A fixed factor on the classifier's logits (EfficientViM weighs each stage's head by softmax(weights)); the
     # other terms of such a sum do not depend on the feature layer, so they only shift the logits.
     classifier_gain: float = 1.0
     family: str = ""  # set by the registry (flatscan.describe) to the family the adapter was registered under
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.channels, slice):  # an index set: kept as a 1-D LongTensor
+            index = torch.as_tensor(self.channels, dtype=torch.long).flatten().cpu()
+            if index.numel() and (index.unique().numel() != index.numel() or index.min() < 0):
+                raise ValueError(f"channels must be distinct non-negative indices, got {index.tolist()}")
+            object.__setattr__(self, "channels", index)
 
     @property
     def head_type(self) -> str:
@@ -106,11 +119,27 @@ class NormalisedHead:
             "activation": self.activation.label,
             "head_type": self.head_type,
             "classifier": self.classifier,
-            "channels": "all" if self.channels == slice(None) else f"{self.channels.start}:{self.channels.stop}",
+            "channels": channels_label(self.channels),
+            "pooled_offset": None
+            if self.pooled_offset is None
+            else f"{self.pooled_offset.point} of {self.pooled_offset.module}",
             "coupling": None if self.coupling is None else self.coupling.label,
             "channel_scale_min": scale.min().item(),
             "channel_scale_max": scale.max().item(),
         }
+
+
+def channels_label(channels: slice | Tensor) -> str:
+    """'all', 'start:stop', or the index set as runs 'a:b,c:d' (stop exclusive)."""
+    if isinstance(channels, slice):
+        return "all" if channels == slice(None) else f"{channels.start}:{channels.stop}"
+    runs: list[list[int]] = []
+    for index in channels.tolist():
+        if runs and index == runs[-1][1]:
+            runs[-1][1] = index + 1
+        else:
+            runs.append([index, index + 1])
+    return ",".join(f"{start}:{stop}" for start, stop in runs)
 
 
 def batchnorm_scale(norm: nn.Module, where: str) -> Tensor:
@@ -251,13 +280,14 @@ def normalised_head(
     activation: str,
     pool: str,
     classifier: str,
-    channels: slice | None = None,
+    channels: slice | Tensor | Sequence[int] | None = None,
     pre_activation: Tap | None = None,
 ) -> NormalisedHead:
     """feature_layer -> BatchNorm or GroupNorm ``norm`` (None: 1) -> [+ residual] -> ``activation`` -> GAP -> Linear.
 
     ``pool`` is the global pool, ``classifier`` the Linear layer reading the pooled vector. ``channels``
-    (DenseNet) are the pooled channels the feature layer feeds, when ``norm`` spans more channels. The
+    (DenseNet: a slice; DPN: an index set) are the pooled channels the feature layer feeds, in its output
+    order, when ``norm`` spans more channels. The
     pre-activation is read at the input of ``activation`` unless ``pre_activation`` says where.
     """
     require_average_pool(submodule(model, pool), pool)
@@ -282,6 +312,8 @@ def normalised_head(
     else:
         scale = batchnorm_scale(submodule(model, norm), norm)
     channels = slice(None) if channels is None else channels
+    if not isinstance(channels, slice):
+        channels = torch.as_tensor(channels, dtype=torch.long)
     scale = scale[channels]
     if scale.shape[0] != conv.out_channels:
         raise UnsupportedModel(
@@ -346,7 +378,7 @@ def layer_scaled_residual_head(
     pooled: Tap,
     classifier: str,
     head_fn: Callable[[Tensor], Tensor] | None = None,
-    channels: slice | None = None,
+    channels: slice | Tensor | None = None,
 ) -> NormalisedHead:
     """feature_layer -> [* layer_scale] [+ shortcut] -> GAP -> head, with no activation in between (ConvNeXt-like).
 
@@ -450,6 +482,9 @@ class PooledCoupling:
     ``inner_input``; ``w = inner_activation(y)``; ``u = mean over positions of (w, w^2)[:moments]``, (N, C, k);
     ``alpha, beta = affine(u)``, each (N, C); the pre-activation is ``v = alpha * w + beta + r2``, whose
     ``alpha * w + beta`` is read at ``affine_output`` (None: at the pre-activation itself, r2 = 0).
+    ``pooled_layout``: the coupling's taps have the pooled vector's channel layout and are cut to the head's
+    ``channels`` like the pre-activation; False: they hold the feature layer's channels only (a gate before a
+    concatenation, as in RDNet's BlockESE).
     """
 
     inner_input: Tap
@@ -461,6 +496,7 @@ class PooledCoupling:
     statistics_of_input: bool = False  # u are moments of y itself, not of w (EvoNorm-S0)
     statistics_dtype: torch.dtype | None = None  # the module computes its statistics in this dtype (EvoNorm: float32)
     modules: tuple[str, ...] = ()  # the modules ``affine`` runs (a gate's convs): part of the tail, not downstream
+    pooled_layout: bool = True
 
 
 _GATES = (SEModule, EcaModule, EffectiveSEModule, LegacySEModule)
@@ -509,6 +545,7 @@ def squeeze_excitation(
 
     The gate multiplies its input w (read before it, at ``inner_input``, as y with ``w = inner(y)``) by
     ``gate(mean_p w)``; ``scale`` is a per-channel factor applied after the gate (a layer scale), folded into alpha.
+    Without ``scale``, alpha * w is the gate's output; with it, alpha * w is read at the pre-activation (r2 = 0).
     """
     module = submodule(model, gate)
     _require_gate(module, gate)
@@ -525,7 +562,7 @@ def squeeze_excitation(
         affine=affine,
         label=f"{type(module).__name__} gate",
         inner_activation=inner or Activation("identity"),
-        affine_output=Tap(gate, "output"),
+        affine_output=Tap(gate, "output") if scale is None else None,
         modules=(gate,),
     )
 
@@ -571,6 +608,7 @@ class ChannelNorm:
     eps: float
     label: str
     modules: tuple[str, ...] = ()
+    pooled_layout: bool = True  # its taps have the pooled vector's channels (the norm spans all of them)
 
 
 def channel_layer_norm(model: nn.Module, name: str) -> ChannelNorm:

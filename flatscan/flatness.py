@@ -299,11 +299,16 @@ class HeadDerivatives:
         mean_row = self.probs @ weight
         return torch.einsum("nk,kc,kd->ncd", self.probs, weight, weight) - mean_row[:, :, None] * mean_row[:, None, :]
 
-    def select(self, channels: slice) -> HeadDerivatives:
-        """Restrict to the pooled channels the feature layer feeds."""
+    def select(self, channels: slice | Tensor) -> HeadDerivatives:
+        """Restrict to the pooled channels the feature layer feeds: a slice, or an index set (LongTensor)."""
         if self.hessian is not None:
-            return HeadDerivatives(self.grad[:, channels], hessian=self.hessian[:, channels, channels])
+            if isinstance(channels, Tensor):
+                channels = channels.to(self.hessian.device)
+            # Two steps: one [:, idx, idx] with index tensors would pair the indices (a diagonal), not cross them.
+            return HeadDerivatives(self.grad[:, channels], hessian=self.hessian[:, channels][:, :, channels])
         assert self.weight is not None
+        if isinstance(channels, Tensor):
+            channels = channels.to(self.weight.device)
         return HeadDerivatives(self.grad[:, channels], probs=self.probs, weight=self.weight[:, channels])
 
 

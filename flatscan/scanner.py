@@ -24,6 +24,7 @@ from flatscan._engine import (
     recording,
     sample_terms,
     scan_constants,
+    tapped_offset,
 )
 from flatscan.contract import NormalisedHead
 from flatscan.errors import ScanError, ScanInterrupted
@@ -192,7 +193,14 @@ def _forward_batch(
     tap_dtype = tapped["pooled"].dtype
     tapped, logits = prepare_tapped(head, tapped, logits, compute_dtype)
     if first:
-        check_normalisation(head, tapped["pre_activation"].flatten(2), tapped["pooled"].flatten(1), logits, tap_dtype)
+        check_normalisation(
+            head,
+            tapped["pre_activation"].flatten(2),
+            tapped["pooled"].flatten(1),
+            logits,
+            tap_dtype,
+            tapped_offset(tapped),
+        )
         check_coupling(head, tapped, tap_dtype)
     return tapped, logits, labels
 

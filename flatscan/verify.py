@@ -29,6 +29,7 @@ from flatscan._engine import (
     recording,
     sample_terms,
     scan_constants,
+    tapped_offset,
 )
 from flatscan.contract import NormalisedHead, exact_evo_norm_statistics
 from flatscan.registry import describe
@@ -327,7 +328,14 @@ def _verify_copy(
     with recording(model, head_taps(head)) as recorder, torch.no_grad():
         logits, tapped = recorder.forward(model, images)
     tapped, logits = prepare_tapped(head, tapped, logits, torch.float64)
-    check_normalisation(head, tapped["pre_activation"].flatten(2), tapped["pooled"].flatten(1), logits, torch.float64)
+    check_normalisation(
+        head,
+        tapped["pre_activation"].flatten(2),
+        tapped["pooled"].flatten(1),
+        logits,
+        torch.float64,
+        tapped_offset(tapped),
+    )
     check_coupling(head, tapped, torch.float64)
     closed = sample_terms(head, const, tapped, logits, labels).block_traces(const.channel_scale).mean(0)
 

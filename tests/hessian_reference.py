@@ -26,10 +26,18 @@ def weight_hessian(model: nn.Module, weight_name: str, images: Tensor, labels: T
 
 
 def trace_and_flatness(model: nn.Module, weight_name: str, images: Tensor, labels: Tensor) -> tuple[float, float]:
-    """Tr(H) and relative flatness sum_{c,c'} <K_c, K_c'> Tr(H_cc') from the full autograd Hessian."""
+    """Tr(H) and relative flatness sum_{c,c'} <K_c, K_c'> Tr(H_cc') from the full autograd Hessian.
+
+    For a grouped convolution (the module owning ``weight_name`` has ``groups`` > 1) the double sum runs over
+    pairs (c, c') in the same group only: each group is an independent layer on its own input channels.
+    """
     kernel, hessian = weight_hessian(model, weight_name, images, labels)
     block_traces = torch.einsum("idjd->ij", hessian)
-    return block_traces.trace().item(), ((kernel @ kernel.T) * block_traces).sum().item()
+    module = model.get_submodule(weight_name.rpartition(".")[0])
+    groups = getattr(module, "groups", 1) if isinstance(module, nn.Conv2d) else 1
+    group = torch.arange(kernel.shape[0]) // (kernel.shape[0] // groups)
+    same_group = group[:, None] == group[None, :]
+    return block_traces.trace().item(), ((kernel @ kernel.T) * block_traces)[same_group].sum().item()
 
 
 def randomise_norms(model: nn.Module, generator: torch.Generator, scale: tuple[float, float] = (0.5, 2.0)) -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+import timm
 from helpers.adapters import CLASSES, assert_matches_autograd, assert_refused
 from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
 from timm.utils import reparameterize_model
 from torch import nn
+
+import flatscan
 
 
 def tiny_byobnet(
@@ -63,6 +66,13 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], str, str]] = {
         "stages.1.1.reparam_conv",
         "relu",
     ),
+    # repvgg_d2se / mobileone_s4: act(attn(reparam_conv(x))), an SE gate on the fused conv's output (coupled).
+    "repvgg_se_fused": (fused("rep", attn_layer="se"), "stages.1.1.reparam_conv", "relu"),
+    "mobileone_se_fused": (
+        fused("one", attn_layer="se", act_layer="silu", last={"block_kwargs": {"num_conv_branches": 2}}),
+        "stages.1.1.reparam_conv",
+        "silu",
+    ),
 }
 
 
@@ -72,6 +82,15 @@ def test_byobnet_matches_autograd(name: str) -> None:
     head = assert_matches_autograd(build(), "byobnet", size=32)
     assert head.feature_layer == feature_layer
     assert head.activation.name == activation
+    assert (head.coupling is not None) == name.endswith("_se_fused")
+
+
+@pytest.mark.parametrize("name", ["mobileone_s4", "repvgg_d2se"])
+def test_se_models_are_described_in_inference_form(name: str) -> None:
+    model = flatscan.inference_form(timm.create_model(name, num_classes=CLASSES))
+    head = flatscan.describe(model)
+    assert head.coupling is not None and head.coupling.label == "SEModule gate"
+    assert head.feature_layer.endswith("reparam_conv")
 
 
 def se_after_feature_conv() -> ByobNet:
@@ -79,15 +98,10 @@ def se_after_feature_conv() -> ByobNet:
     return tiny_byobnet("basic", attn_layer="se")
 
 
-def repvgg_se() -> nn.Module:
-    return reparameterize_model(tiny_byobnet("rep", attn_layer="se"))
-
-
 REFUSALS = {
     "unfused_repvgg": (lambda: tiny_byobnet("rep"), "reparameterise the model first"),
     "unfused_mobileone": (lambda: tiny_byobnet("one"), "reparameterise the model first"),
     "se_after_feature_conv": (se_after_feature_conv, "gates the feature layer's output"),
-    "fused_repvgg_se": (repvgg_se, "gates the feature layer's output"),
     "attention_pool_head": (
         lambda: tiny_byobnet(
             "bottle", "token", img_size=32, head_type="attn_abs", head_hidden_size=64, fixed_input_size=True

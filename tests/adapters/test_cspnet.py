@@ -1,10 +1,17 @@
-"""CspNet: the last stage's conv_transition (csp / cs3 stages), or a DarkStage's last bottleneck conv3 + act3."""
+"""CspNet: the last stage's conv_transition (csp / cs3 stages), a DarkStage's last bottleneck conv3 + act3, or
+DarkNet's last DarkBlock conv2 (activation before the residual add: the shortcut is a constant pooled offset)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
-from helpers.adapters import CLASSES, assert_matches_autograd, assert_refused
+from helpers.adapters import CLASSES, assert_matches_autograd, assert_refused, images_and_labels, prepare
 from timm.models.cspnet import CspModelCfg, CspNet, CspStagesCfg, CspStemCfg
+
+import flatscan
+from flatscan import scanner
+from flatscan.contract import Tap
 
 
 def tiny_cspnet(global_pool: str = "avg", act_layer: str = "leaky_relu", **stages: object) -> CspNet:
@@ -51,9 +58,27 @@ def test_cspnet_matches_autograd(name: str) -> None:
     assert head.activation.name == act_layer
 
 
+@pytest.mark.parametrize("act_layer", ["leaky_relu", "silu"])
+def test_darknet_matches_autograd(act_layer: str) -> None:
+    # DarkNet53: the last DarkBlock's conv2 -> BatchNorm -> activation, then + shortcut and nothing after it. The
+    # pooled vector is mean(act(v)) + mean(shortcut): the shortcut is a constant shift of h, read at the block's input.
+    model = tiny_cspnet(act_layer=act_layer, stage_type="dark", block_type="dark")
+    head = assert_matches_autograd(model, "cspnet", size=32)
+    assert head.feature_layer == "stages.1.blocks.1.conv2.conv"
+    assert head.pooled_offset == Tap("stages.1.blocks.1", "input")
+    assert head.to_dict()["pooled_offset"] == "input of stages.1.blocks.1"
+
+
+def test_darknet_without_its_offset_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same head without the shortcut's mean does not reproduce the pooled vector: check_normalisation refuses.
+    model = prepare(tiny_cspnet(stage_type="dark", block_type="dark"))
+    head = replace(flatscan.describe(model), pooled_offset=None)
+    monkeypatch.setattr(scanner, "describe", lambda _: head)
+    with pytest.raises(flatscan.UnsupportedModel, match="is not the average"):
+        flatscan.scan(model, [images_and_labels(size=32)], device="cpu")
+
+
 REFUSALS = {
-    # DarkNet53: the last DarkBlock activates before its residual add and nothing after it.
-    "darknet": (lambda: tiny_cspnet(stage_type="dark", block_type="dark"), "before the residual add"),
     "max_pool": (lambda: tiny_cspnet(global_pool="max"), "not a global average"),
     "tanh_activation": (lambda: tiny_cspnet(act_layer="tanh"), "without closed-form derivatives"),
 }

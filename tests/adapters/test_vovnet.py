@@ -1,6 +1,7 @@
 """VoVNet: the last OSA block's conv_concat (1x1 conv, BatchNorm, ReLU) -> GAP -> Linear (vovnet39a/57a layout).
 
-The eSE variants (all of timm's pretrained VoVNets) and residual last blocks are refused.
+The eSE variants (all of timm's pretrained VoVNets) are coupled tails (tests/adapters/test_coupled_tails.py);
+residual last blocks without eSE are refused.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ def test_vovnet_matches_autograd(depthwise: bool) -> None:
 
 
 REFUSALS = {
-    "ese_gate": (lambda: tiny_vovnet(attn="ese"), "gates the feature layer's output"),
     "residual_after_activation": (
         lambda: tiny_vovnet(residual=True, block_per_stage=[1, 1, 1, 2]),
         "after conv_concat's activation",

@@ -199,3 +199,17 @@ def test_confident_predictions_lose_no_precision() -> None:
             exact_e = sum(residual[k] * w[k][c] for k in range(3))
             assert relative_error(derivatives.grad[n, c].item(), float(exact_e)) <= 1e-12
     assert (1 - probs[0].max()).item() < 1e-12  # the first sample is in the cancelling regime
+
+
+@pytest.mark.parametrize("groups", [2, 6])  # grouped, and depthwise-like (one filter per group)
+def test_grouped_layer_sums_within_group_pairs_only(groups: int) -> None:
+    # The spec's "Grouped and depthwise feature layers": kappa sums (c, c') of the same group only; Tr(H) unchanged.
+    model = make_gapnet(nn.Conv2d(6, 6, 3, padding=1, groups=groups), nn.SiLU())
+    images, labels = batch()
+    result = flatscan.scan(model, [(images, labels)], device="cpu")
+    assert_matches_autograd(model, "conv.weight", images, labels, result)
+    kernel, hessian = weight_hessian(model, "conv.weight", images, labels)
+    blocks = torch.einsum("idjd->ij", hessian)
+    all_pairs = ((kernel @ kernel.T) * blocks).sum().item()
+    assert relative_error(result.relative_flatness, all_pairs) > 1e-3  # the old all-pairs value is another number
+    assert relative_error(result.trace, blocks.trace().item()) <= RTOL
