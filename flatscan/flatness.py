@@ -283,12 +283,15 @@ class HeadDerivatives:
         assert self.probs is not None
         return HeadDerivatives(self.grad[part], probs=self.probs[part], weight=self.weight)
 
-    def apply(self, x: Tensor) -> Tensor:
-        """B @ x per sample for ``x`` (N, C, A); a linear head goes through V^T (V x), never forming B."""
+    def apply_and_sandwich(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B x, x^T B x) per sample for ``x`` (N, C, A); a linear head goes through V x (classes x C x A), never
+        forming B, and never a (C, C) x (C, A) product."""
         if self.hessian is not None:
-            return self.hessian.to(x.dtype) @ x
+            bx = self.hessian.to(x.dtype) @ x
+            return bx, x.transpose(1, 2) @ bx
         factor = self._factor(x.dtype)
-        return factor.transpose(1, 2) @ (factor @ x)
+        vx = factor @ x
+        return factor.transpose(1, 2) @ vx, vx.transpose(1, 2) @ vx
 
     def matrix(self) -> Tensor:
         """B itself, shape (N, C, C); formed only for checks (``flatscan.verify``)."""
@@ -519,8 +522,8 @@ def coupled_terms(
         )
     dh_du = torch.einsum("ncj,ncjdk->ncdk", param_slope, jac).reshape(n, channels, channels * moments)
     lam = torch.einsum("ncs,nc->ns", dh_du, head.grad.to(dh_du.dtype))  # (N, C*k)
-    b_dh_du = head.apply(dh_du)  # (N, C, C*k)
-    stat_hessian = stat_hessian + torch.einsum("nca,ncb->nab", dh_du, b_dh_du)
+    b_dh_du, dh_du_b_dh_du = head.apply_and_sandwich(dh_du)  # B M (N, C, C*k) and M^T B M (N, C*k, C*k)
+    stat_hessian = stat_hessian + dh_du_b_dh_du
 
     scale = 1.0 / positions
     stat_coef = (psi1 * scale).transpose(1, 2).reshape(n, channels * moments, positions)  # (c, i) order
