@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import timm
+import torch
 from helpers.adapters import CLASSES, assert_matches_autograd, assert_refused
 from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
 from timm.utils import reparameterize_model
@@ -108,10 +109,6 @@ REFUSALS = {
         ),
         "not timm's ClassifierHead",
     ),
-    "group_norm_final_conv": (
-        lambda: tiny_byobnet("bottle", num_features=12, norm_layer="groupnorm1"),
-        "not BatchNorm",
-    ),
     "max_pool": (lambda: tiny_byobnet("bottle", global_pool="max"), "not a global average"),
     "no_classifier": (lambda: tiny_byobnet("bottle", num_classes=0), "not a Linear classifier"),
 }
@@ -121,3 +118,14 @@ REFUSALS = {
 def test_refusals_say_why(name: str) -> None:
     build, reason = REFUSALS[name]
     assert_refused(build(), reason)
+
+
+def test_group_norm_final_conv_matches_autograd() -> None:
+    # A GroupNorm (one group) after final_conv: exact through the pooled moments (PooledCoupling).
+    model = tiny_byobnet("bottle", num_features=12, norm_layer="groupnorm1")
+    with torch.no_grad():
+        norm = model.final_conv.bn
+        norm.weight.copy_(torch.linspace(0.5, 1.5, norm.num_channels))
+        norm.bias.copy_(torch.linspace(-0.3, 0.3, norm.num_channels))
+    head = assert_matches_autograd(model, "byobnet", size=32)
+    assert head.coupling is not None and head.coupling.label == "GroupNorm(1)"
