@@ -468,6 +468,36 @@ def _coefficient_grams(patches: Tensor, left: Tensor, right: Tensor) -> Tensor:
     return (left @ p.transpose(1, 2)) @ (right @ p.transpose(1, 2)).transpose(1, 2)
 
 
+def _affine_derivatives(
+    alpha: Tensor, w: Tensor, rho1: Tensor, rho2: Tensor, sig1: Tensor, sig2: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Derivatives of F(y, theta) = sigma(alpha rho(y) + beta + r2), theta = (alpha, beta), element-wise: F_y, F_yy
+    (N, C, L), mean_p F_theta (N, C, 2), F_{y theta} (N, 2, C, L), Omega = mean_p F_theta_theta (N, C, 2, 2)."""
+    slope = sig1 * alpha * rho1
+    second = sig2 * (alpha * rho1).square() + sig1 * alpha * rho2
+    param_slope = torch.stack([sig1 * w, sig1], -1).mean(2)
+    mixed = torch.stack([sig2 * alpha * rho1 * w + sig1 * rho1, sig2 * alpha * rho1], 1)
+    param_curv = torch.stack(
+        [torch.stack([sig2 * w.square(), sig2 * w], -1), torch.stack([sig2 * w, sig2], -1)], -2
+    ).mean(2)
+    return slope, second, param_slope, mixed, param_curv
+
+
+def _pooled_moments(
+    base: Tensor, slope: Tensor | None, curvature: Tensor | None, moments: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """u = mean_p (b, b^2)[:k] of ``base`` b (N, C, L), and psi', psi'' of psi = (b, b^2) w.r.t. y, (N, k, C, L).
+
+    ``slope``, ``curvature`` are db/dy and d2b/dy2 (None: b is y itself).
+    """
+    db = torch.ones_like(base) if slope is None else slope
+    d2b = torch.zeros_like(base) if curvature is None else curvature
+    stats = torch.stack([base.mean(-1), base.square().mean(-1)][:moments], -1)  # (N, C, k)
+    psi1 = torch.stack([db, 2 * base * db][:moments], 1)
+    psi2 = torch.stack([d2b, 2 * db.square() + 2 * base * d2b][:moments], 1)
+    return stats, psi1, psi2
+
+
 def coupled_terms(
     inner_input: Tensor,
     pre_activation: Tensor,
@@ -489,25 +519,12 @@ def coupled_terms(
     w = inner(inner_input)
     rho1, rho2 = inner.derivatives(inner_input)
     sig1, sig2 = outer.derivatives(pre_activation)
-    if statistics_of_input:  # moments of y itself (EvoNorm's group std), the gate scales w = rho(y)
-        ones = torch.ones_like(inner_input)
-        psi1 = torch.stack([ones, 2 * inner_input][:moments], 1)
-        psi2 = torch.stack([torch.zeros_like(ones), 2 * ones][:moments], 1)
-        stats = torch.stack([inner_input.mean(-1), inner_input.square().mean(-1)][:moments], -1)
-    else:
-        psi1 = torch.stack([rho1, 2 * w * rho1][:moments], 1)  # (N, k, C, L)
-        psi2 = torch.stack([rho2, 2 * rho1.square() + 2 * w * rho2][:moments], 1)
-        stats = torch.stack([w.mean(-1), w.square().mean(-1)][:moments], -1)  # (N, C, k)
-    with torch.enable_grad():
-        alpha, _ = affine(stats)
-    alpha = alpha.detach()[..., None]
-    slope = sig1 * alpha * rho1  # F_y
-    second = sig2 * (alpha * rho1).square() + sig1 * alpha * rho2  # F_yy
-    param_slope = torch.stack([sig1 * w, sig1], -1).mean(2)  # mean_p F_theta (N, C, 2)
-    mixed = torch.stack([sig2 * alpha * rho1 * w + sig1 * rho1, sig2 * alpha * rho1], 1)  # F_{y theta} (N, 2, C, L)
-    param_curv = torch.stack(
-        [torch.stack([sig2 * w.square(), sig2 * w], -1), torch.stack([sig2 * w, sig2], -1)], -2
-    ).mean(2)  # Omega (N, C, 2, 2)
+    base, base1, base2 = (inner_input, None, None) if statistics_of_input else (w, rho1, rho2)
+    stats, psi1, psi2 = _pooled_moments(base, base1, base2, moments)
+    alpha = affine(stats)[0]
+    slope, second, param_slope, mixed, param_curv = _affine_derivatives(
+        alpha.detach()[..., None], w, rho1, rho2, sig1, sig2
+    )
 
     def theta(u: Tensor) -> Tensor:
         return torch.stack(affine(u.unsqueeze(0)), -1)[0]
