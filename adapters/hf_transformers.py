@@ -189,35 +189,25 @@ def describe_efficientnet(model: EfficientNetForImageClassification) -> Normalis
 @register("mobilenetv2", MobileNetV2ForImageClassification)
 def describe_mobilenet_v2(model: MobileNetV2ForImageClassification) -> NormalisedHead:
     """conv_1x1 (convolution, normalization, activation) -> pooler -> dropout -> classifier."""
-    layer = "mobilenet_v2.conv_1x1"
-    if not isinstance(getattr(submodule(model, layer), "activation", None), nn.Module):
-        raise UnsupportedModel(f"{layer} has no activation module to read the pre-activation at")
-    if submodule(model, layer).normalization is None:
-        raise UnsupportedModel(f"{layer} has no normalization: not the layout its adapter knows")
-    if model.mobilenet_v2.pooler is None:
-        raise UnsupportedModel("mobilenet_v2 was built without its pooler (add_pooling_layer=False)")
-    _require_global_average(model, "mobilenet_v2.pooler")
-    _linear(model, "classifier")
-    return _conv_bn(
-        model,
-        layer=layer,
-        activation=f"{layer}.activation",
-        pooled=Tap("classifier", "input"),
-        classifier="classifier",
-    )
+    return _mobilenet_head(model, "mobilenet_v2", "mobilenet_v2.conv_1x1")
 
 
 @register("mobilenetv1", MobileNetV1ForImageClassification)
 def describe_mobilenet_v1(model: MobileNetV1ForImageClassification) -> NormalisedHead:
     """The last layer (pointwise convolution, normalization, activation) -> pooler -> dropout -> classifier."""
     layer = f"mobilenet_v1.layer.{len(list(submodule(model, 'mobilenet_v1.layer').children())) - 1}"
+    return _mobilenet_head(model, "mobilenet_v1", layer)
+
+
+def _mobilenet_head(model: nn.Module, base: str, layer: str) -> NormalisedHead:
+    """MobileNetV1/V2: ``layer`` (convolution, normalization, activation) -> ``base``.pooler -> classifier."""
     if not isinstance(getattr(submodule(model, layer), "activation", None), nn.Module):
         raise UnsupportedModel(f"{layer} has no activation module to read the pre-activation at")
     if submodule(model, layer).normalization is None:
         raise UnsupportedModel(f"{layer} has no normalization: not the layout its adapter knows")
-    if model.mobilenet_v1.pooler is None:
-        raise UnsupportedModel("mobilenet_v1 was built without its pooler (add_pooling_layer=False)")
-    _require_global_average(model, "mobilenet_v1.pooler")
+    if submodule(model, base).pooler is None:
+        raise UnsupportedModel(f"{base} was built without its pooler (add_pooling_layer=False)")
+    _require_global_average(model, f"{base}.pooler")
     _linear(model, "classifier")
     return _conv_bn(
         model,
