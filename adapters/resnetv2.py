@@ -2,7 +2,8 @@
 
 v = s * (conv3(x) + shortcut) + t: the shortcut, scaled by the final BatchNorm, is the constant residual.
 Non-pre-activation ResNetV2 (preact=False) ends like ResNet: conv3, norm3, + shortcut, act3.
-BiT models standardise their conv weights (StdConv2d) and use GroupNorm: refused.
+BiT / GroupNorm models: the final GroupNormAct couples channels through group statistics (a coupled tail);
+EvoNorm-S0 likewise. Their StdConv2d kernels are measured as the inference model applies them (flatscan.inference).
 """
 
 from __future__ import annotations

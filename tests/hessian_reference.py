@@ -41,7 +41,8 @@ def trace_and_flatness(model: nn.Module, weight_name: str, images: Tensor, label
 
 
 def randomise_norms(model: nn.Module, generator: torch.Generator, scale: tuple[float, float] = (0.5, 2.0)) -> None:
-    """Give every BatchNorm non-trivial running statistics and affine parameters (timm zero-inits some)."""
+    """Give every BatchNorm non-trivial running statistics and affine parameters, and every GroupNorm non-trivial
+    affine parameters (timm zero-inits some: a zero last norm would make the test degenerate)."""
     lo, hi = scale
     with torch.no_grad():
         for module in model.modules():
@@ -49,6 +50,10 @@ def randomise_norms(model: nn.Module, generator: torch.Generator, scale: tuple[f
                 c = module.num_features
                 module.running_mean.copy_(0.2 * torch.randn(c, generator=generator))
                 module.running_var.copy_(0.5 + torch.rand(c, generator=generator))
+                module.weight.copy_(lo + (hi - lo) * torch.rand(c, generator=generator))
+                module.bias.copy_(0.3 * torch.randn(c, generator=generator))
+            elif isinstance(module, nn.GroupNorm) and module.affine:
+                c = module.num_channels
                 module.weight.copy_(lo + (hi - lo) * torch.rand(c, generator=generator))
                 module.bias.copy_(0.3 * torch.randn(c, generator=generator))
 

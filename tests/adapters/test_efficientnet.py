@@ -9,7 +9,6 @@ from collections.abc import Callable
 from functools import partial
 
 import pytest
-import timm
 from helpers.adapters import CLASSES, assert_matches_autograd, assert_refused
 from timm.models import efficientnet as E
 from timm.models._efficientnet_builder import decode_arch_def
@@ -97,8 +96,6 @@ def act_before_skip() -> EfficientNet:
 
 REFUSALS = {
     "act_before_skip": (act_before_skip, "before the residual add"),
-    "evo_norm_head": (partial(timm.create_model, "test_efficientnet_evos", **TINY), "EvoNorm"),
-    "layer_norm_head": (partial(timm.create_model, "test_efficientnet_ln", **TINY), "not BatchNorm"),
     "no_head_conv_block": (
         partial(from_blocks, [["ds_r1_k3_s1_e1_c8"], ["cn_r1_k3_s2_c16"]], num_features=0),
         "ConvBnAct",

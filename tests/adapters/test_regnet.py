@@ -32,6 +32,8 @@ MODELS = {
     "regnetz_linear_out": ({"downsample": None, "linear_out": True, "act_layer": "silu"}, "s4.b2.conv3.conv", "silu"),
     # RegNetV (pre-activation blocks): conv3 without a norm after it, final_conv is the activation.
     "regnetv": ({"preact": True, "se_ratio": 0.25, "act_layer": "silu"}, "s4.b2.conv3", "silu"),
+    # GroupNorm (one group) in place of every BatchNorm: the last conv3's norm couples channels before the add.
+    "regnetx_groupnorm": ({"norm_layer": "groupnorm1"}, "s4.b2.conv3.conv", "relu"),
 }
 
 
@@ -51,7 +53,6 @@ def act_before_residual() -> RegNet:
 
 REFUSALS = {
     "act_before_residual": (act_before_residual, "before the residual add"),
-    "group_norm": (lambda: tiny_regnet(norm_layer="groupnorm1"), "not BatchNorm"),
     "max_pool": (lambda: tiny_regnet(global_pool="max"), "not a global average"),
 }
 

@@ -1,4 +1,4 @@
-"""TResNet: the last Bottleneck's conv3 + BatchNorm, + shortcut, ReLU; legacy SENet refused (SE gate)."""
+"""TResNet: the last Bottleneck's conv3 + BatchNorm, + shortcut, ReLU (legacy SENet: test_coupled_tails)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from functools import partial
 
 import pytest
 from helpers.adapters import CLASSES, assert_matches_autograd, assert_refused
-from timm.models.senet import SENet, SEResNetBlock
 from timm.models.tresnet import TResNet
 
 import flatscan
@@ -28,20 +27,6 @@ def test_tresnet_v2_has_the_same_ending() -> None:
     assert head.feature_layer == "body.layer4.0.conv3.conv" and head.channel_scale.shape == (256,)
 
 
-def tiny_senet() -> SENet:
-    return SENet(
-        SEResNetBlock,
-        [1, 1, 1, 1],
-        groups=1,
-        reduction=16,
-        inplanes=8,
-        input_3x3=False,
-        downsample_kernel_size=1,
-        downsample_padding=0,
-        num_classes=CLASSES,
-    )
-
-
 def pruned_tresnet() -> TResNet:
     model = tiny_tresnet()
     model.prune_intermediate_layers(indices=[2], prune_head=False)
@@ -51,8 +36,6 @@ def pruned_tresnet() -> TResNet:
 REFUSALS = {
     "max_pool": (partial(tiny_tresnet, global_pool="max"), "not a global average"),
     "pruned": (pruned_tresnet, "has no body.layer4"),
-    # legacy SENet: every block gates its last conv's output with a squeeze-excitation.
-    "senet": (tiny_senet, "layer4.0.se_module \\(SEModule\\) gates the feature layer's output"),
 }
 
 

@@ -20,7 +20,7 @@ EXPECTED = {
     "test-org/resnet": ("ok", None),
     "test-org/corrupt": ("failed", r"^ModelLoadError: .*model.safetensors is not a valid safetensors file"),
     "test-org/efficientnet": ("ok", None),
-    "test-org/se-resnet": ("unsupported", r"^layer4.0.se \(SEModule\) gates the feature layer's output"),
+    "test-org/cbam-resnet": ("unsupported", r"^layer4.0.se \(CbamModule\) gates the feature layer's output"),
     "test-org/no-weights": ("failed", r"^ModelLoadError: hf-hub:test-org/no-weights has no model.safetensors"),
     "test-org/convnext": ("ok", None),
     "test-org/five-classes": ("failed", r"^DataError: labels .* of digits:all are outside the model's 5 classes"),

@@ -45,7 +45,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "resnet": save_model(root / "resnet", "test_resnet"),
         "efficientnet": save_model(root / "efficientnet", "test_efficientnet", seed=1),
         "convnext": save_model(root / "convnext", "test_convnext", seed=2, ls_init_value=1.0),  # timm: 1e-6
-        "se-resnet": save_model(root / "se-resnet", "test_resnet", block_args={"attn_layer": "se"}),
+        "cbam-resnet": save_model(root / "cbam-resnet", "test_resnet", block_args={"attn_layer": "cbam"}),
         "five-classes": save_model(root / "five-classes", "test_resnet", num_classes=5),
     }
 
@@ -62,7 +62,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zoo: dict[str, Path]) -
             "test-org/resnet": files["resnet"],
             "test-org/corrupt": corrupt,
             "test-org/efficientnet": files["efficientnet"],
-            "test-org/se-resnet": files["se-resnet"],
+            "test-org/cbam-resnet": files["cbam-resnet"],
             "test-org/no-weights": {"config.json": files["resnet"]["config.json"]},
             "test-org/convnext": files["convnext"],
             "test-org/five-classes": files["five-classes"],
@@ -103,9 +103,10 @@ def test_listing_pages_filters_and_sorts(hub: HubServer) -> None:
     assert [m.repo_id for m in list_org_models(ORG, pattern="*net*", limit=3)] == [
         "test-org/resnet",
         "test-org/efficientnet",
-        "test-org/se-resnet",
+        "test-org/cbam-resnet",
     ]
-    assert [m.repo_id for m in list_org_models(ORG, pattern="test-org/c*")] == ["test-org/corrupt", "test-org/convnext"]
+    by_prefix = list_org_models(ORG, pattern="test-org/co*")
+    assert [m.repo_id for m in by_prefix] == ["test-org/corrupt", "test-org/convnext"]
     assert list_org_models(ORG, pattern="*NET*") == []  # case-sensitive
     with_transformers = list_org_models(ORG, include_transformers=True, limit=2)
     assert [(m.repo_id, m.library) for m in with_transformers] == [(TRANSFORMERS, "transformers"), (OK[0], "timm")]
@@ -163,7 +164,7 @@ def test_audit_rows_and_numbers_resume_force(hub: HubServer, tmp_path: Path) -> 
             "all",
             [3, 64, 64],
         )
-    refused = by_model.loc["hf-hub:test-org/se-resnet"]
+    refused = by_model.loc["hf-hub:test-org/cbam-resnet"]
     assert (refused["architecture"], refused["dataset"]) == ("test_resnet", "digits") and pd.isna(refused["split"])
     assert json.loads(refused["preprocessing"])["input_size"] == [3, 64, 64]  # the requested key: data never opened
 
@@ -177,7 +178,7 @@ def test_audit_rows_and_numbers_resume_force(hub: HubServer, tmp_path: Path) -> 
     not_ok = [repo for repo in EXPECTED if repo not in OK]
     assert not [path for _, path in hub.requests if any(repo in path for repo in not_ok)]
 
-    # force recomputes (here the first model the pattern picks: resnet, not se-resnet) and replaces its row.
+    # force recomputes (here the first model the pattern picks: resnet, not cbam-resnet) and replaces its row.
     with ResultsStore(tmp_path / "results.sqlite") as store:
         forced = _audit(store, force=True, pattern="*resnet", limit=1)
         after = store.frame().set_index("model")

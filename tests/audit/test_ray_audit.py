@@ -56,7 +56,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
         "resnet": save_model(root / "resnet", "test_resnet"),
         "efficientnet": save_model(root / "efficientnet", "test_efficientnet", seed=1),
         "convnext": save_model(root / "convnext", "test_convnext", seed=2, ls_init_value=1.0),
-        "se-resnet": save_model(root / "se-resnet", "test_resnet", block_args={"attn_layer": "se"}),
+        "cbam-resnet": save_model(root / "cbam-resnet", "test_resnet", block_args={"attn_layer": "cbam"}),
         "five-classes": save_model(root / "five-classes", "test_resnet", num_classes=5),
     }
     files = {name: {p.name: p.read_bytes() for p in path.iterdir()} for name, path in zoo.items()}
@@ -65,7 +65,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
         "test-org/resnet": files["resnet"],
         "test-org/corrupt": dict(files["resnet"], **{"model.safetensors": weights[:1000]}),
         "test-org/efficientnet": files["efficientnet"],
-        "test-org/se-resnet": files["se-resnet"],
+        "test-org/cbam-resnet": files["cbam-resnet"],
         "test-org/no-weights": {"config.json": files["resnet"]["config.json"]},
         "test-org/convnext": files["convnext"],
         "test-org/five-classes": files["five-classes"],
@@ -266,9 +266,9 @@ def test_org_command_with_ray(cluster: Cluster, hub: HubServer, tmp_path: Path) 
     result = CliRunner().invoke(app, [*args, "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "2 models: 1 ok, 1 unsupported" in result.stdout
-    assert "unsupported: hf-hub:test-org/se-resnet" in result.stderr  # refusals are reported as they arrive
+    assert "unsupported: hf-hub:test-org/cbam-resnet" in result.stderr  # refusals are reported as they arrive
     with ResultsStore(store) as results:
-        _check_statuses(results.frame(), hub, ["test-org/resnet", "test-org/se-resnet"])
+        _check_statuses(results.frame(), hub, ["test-org/resnet", "test-org/cbam-resnet"])
     assert ray.is_initialized()
 
 

@@ -24,9 +24,9 @@ def test_describe_prints_the_normalised_head_as_json() -> None:
 
 
 def test_describe_refusal_is_one_line_with_the_reason() -> None:
-    result = runner.invoke(app, ["describe", "seresnet18", "--random-init"])
+    result = runner.invoke(app, ["describe", "convit_tiny", "--random-init"])
     assert result.exit_code == 3
-    assert "unsupported: seresnet18:" in result.stderr and "gates the feature layer" in result.stderr
+    assert "unsupported: convit_tiny:" in result.stderr and "vision transformer" in result.stderr
     assert "Traceback" not in result.output
 
 

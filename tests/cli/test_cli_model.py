@@ -115,8 +115,11 @@ def test_offline_cache_miss_names_what_is_missing(tmp_path: Path, monkeypatch: p
 
 
 def test_unsupported_model_is_refused_with_the_reason(tmp_path: Path) -> None:
-    save_for_hf(timm.create_model("seresnet18", num_classes=10), tmp_path / "se", safe_serialization=True)
-    code, _, err = invoke("model", str(tmp_path / "se"), *BASE)
+    # CBAM: a channel gate from the max as well as the mean, and a spatial gate; no closed form.
+    cbam = {"block_args": {"attn_layer": "cbam"}}
+    model = timm.create_model("test_resnet", num_classes=10, **cbam)
+    save_for_hf(model, tmp_path / "cbam", safe_serialization=True, model_args=cbam)
+    code, _, err = invoke("model", str(tmp_path / "cbam"), *BASE)
     assert code == 3
     assert err.startswith("unsupported:") and "gates the feature layer" in err and err.count("\n") == 1
 
