@@ -3,7 +3,8 @@ then the final LayerNorm2d across channels (:class:`flatscan.contract.ChannelNor
 
 The logits are sum_i softmax(weights)_i heads[i](pooled_i): the earlier terms pool the state-space mixers' hidden
 states, computed before the feature layer runs, so they only shift the logits; the last head is the classifier,
-with its weight as the gain. The distilled variant averages two such sums (two classifiers): refused.
+with its weight as the gain. The distilled variant averages two such sums: heads_dist's last head reads the same
+pooled vector, a parallel classifier with gain softmax(weights_dist)[-1] / 2 (and the main one's halved).
 """
 
 from __future__ import annotations
@@ -27,11 +28,6 @@ from flatscan.registry import register
 
 @register("efficientvim", EfficientViM)
 def describe_efficientvim(model: EfficientViM) -> NormalisedHead:
-    if isinstance(model, EfficientViMDistilled):
-        raise UnsupportedModel(
-            "EfficientViM distilled averages the logits of two classifier sums (heads and heads_dist), so no single "
-            "Linear layer produces the logits"
-        )
     if model.global_pool != "avg":
         raise UnsupportedModel(f"global_pool is {model.global_pool!r}, not a global average")
     last = len(model.heads) - 1
@@ -41,6 +37,12 @@ def describe_efficientvim(model: EfficientViM) -> NormalisedHead:
     if not isinstance(block, EfficientViMBlock) or not isinstance(block.drop_path, nn.Identity):
         raise UnsupportedModel(f"{block_name} is not an EfficientViMBlock in eval form: not the layout it knows")
     require_linear(submodule(model, f"heads.{last}"), f"heads.{last}")
+    gain = model.weights.detach().softmax(-1)[last].item()
+    parallel: tuple[tuple[str, float], ...] = ()
+    if isinstance(model, EfficientViMDistilled):  # eval: (heads sum + heads_dist sum) / 2
+        require_linear(submodule(model, f"heads_dist.{last}"), f"heads_dist.{last}")
+        gain /= 2
+        parallel = ((f"heads_dist.{last}", model.weights_dist.detach().softmax(-1)[last].item() / 2),)
     conv = f"{block_name}.ffn.fc2.conv"
     require_plain_conv(model, conv)
     # x + alpha_3 (ffn(x) - x): the feature layer's output is scaled by alpha_3 (per channel) after its BatchNorm.
@@ -54,5 +56,6 @@ def describe_efficientvim(model: EfficientViM) -> NormalisedHead:
         activation=Activation("identity"),
         classifier=f"heads.{last}",
         coupling=channel_layer_norm(model, f"norm.{last}"),
-        classifier_gain=model.weights.detach().softmax(-1)[last].item(),
+        classifier_gain=gain,
+        parallel_classifiers=parallel,
     )

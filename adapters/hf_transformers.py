@@ -1,5 +1,5 @@
 """Hugging Face transformers CNN classifiers: ResNet, RegNet, ConvNeXt(-V2), EfficientNet, MobileNetV1/V2, BiT,
-PoolFormer; FocalNet is refused (a per-position LayerNorm before the pool).
+PoolFormer, FocalNet (its final per-position LayerNorm: :class:`flatscan.contract.ChannelNorm`).
 
 Imported by ``flatscan.adapters`` only when transformers is installed (``pip install 'flatscan[transformers]'``).
 Their forward returns a ``ModelOutput`` whose ``logits`` the scanner reads. BiT's weight-standardised convolutions
@@ -33,7 +33,9 @@ from flatscan.contract import (
     Tap,
     activation_of,
     batchnorm_scale,
+    channel_layer_norm,
     group_norm,
+    layer_scaled_residual_head,
     require_linear,
     require_plain_conv,
     submodule,
@@ -288,9 +290,25 @@ def describe_poolformer(model: PoolFormerForImageClassification) -> NormalisedHe
 
 @register("focalnet", FocalNetForImageClassification)
 def describe_focalnet(model: FocalNetForImageClassification) -> NormalisedHead:
-    """Refused: focalnet.layernorm normalises every position across channels before the pool."""
-    raise UnsupportedModel(
-        "focalnet.layernorm (LayerNorm) normalises the last stage's output across channels at every position, "
-        "with statistics of each sample, before the pool: not a per-channel affine map or pooled-statistic "
-        "coupling flatscan has a closed form for"
+    """The last layer's mlp.fc2 (a Linear on the (N, L, C) tokens), * gamma_2, + shortcut, then focalnet.layernorm
+    across channels at every position (:class:`flatscan.contract.ChannelNorm`), the pooler and the classifier."""
+    if model.config.use_post_layernorm:
+        raise UnsupportedModel(
+            "use_post_layernorm: each layer normalises mlp.fc2's output across channels before the layer scale, then "
+            "focalnet.layernorm normalises again: two LayerNorms in a row, which flatscan has no closed form for"
+        )
+    stages = model.focalnet.encoder.stages
+    last_stage = f"focalnet.encoder.stages.{len(stages) - 1}"
+    layer = f"{last_stage}.layers.{len(stages[-1].layers) - 1}"
+    if submodule(model, last_stage).downsample is not None:
+        raise UnsupportedModel(f"{last_stage} downsamples after its last layer: not the layout the adapter knows")
+    gamma = submodule(model, layer).gamma_2  # a per-channel Parameter with use_layerscale, else the float 1.0
+    head = layer_scaled_residual_head(
+        model,
+        feature_layer=f"{layer}.mlp.fc2",
+        layer_scale=gamma.detach() if isinstance(gamma, Tensor) else None,
+        pre_activation=Tap("focalnet.layernorm", "output", channels_last=True),
+        pooled=Tap("classifier", "input"),
+        classifier="classifier",
     )
+    return replace(head, coupling=channel_layer_norm(model, "focalnet.layernorm"))

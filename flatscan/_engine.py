@@ -253,10 +253,12 @@ def scan_constants(model: nn.Module, head: NormalisedHead, device: torch.device,
     modules = dict(model.named_modules())
     feature_layer = modules[head.feature_layer]
     kernel = feature_layer.weight.detach().to(dtype).flatten(1)
+    # (classes, C): a 1x1-conv classifier's (classes, C, 1, 1) kernel is the same matrix
+    classifiers = [(head.classifier, head.classifier_gain), *head.parallel_classifiers]
+    weights = [gain * modules[name].weight.detach().to(dtype).flatten(1) for name, gain in classifiers]
     return Constants(
         feature_layer=feature_layer,
-        # (classes, C): a 1x1-conv classifier's (classes, C, 1, 1) kernel is the same matrix
-        classifier_weight=head.classifier_gain * modules[head.classifier].weight.detach().to(dtype).flatten(1),
+        classifier_weight=torch.stack(weights).sum(0),
         channel_scale=head.channel_scale.to(device, dtype),
         kernel_gram=within_group_gram(kernel, getattr(feature_layer, "groups", 1)),
     )

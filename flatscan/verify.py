@@ -70,7 +70,7 @@ class VerifyResult:
 
 def _head_modules(model: nn.Module, head: NormalisedHead, pooled: Tensor) -> set[str]:
     """Names of the modules the normalised head runs: the classifier, a general head's, a coupling's (its gate)."""
-    used = {head.classifier}
+    used = {head.classifier, *(name for name, _ in head.parallel_classifiers)}
     if head.coupling is not None:
         roots = head.coupling.modules
         used |= {

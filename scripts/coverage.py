@@ -291,7 +291,9 @@ def main() -> None:
     frame = frame.merge(verified, on="architecture", how="left", suffixes=("", "_verify"))
     skipped = frame["architecture"].isin(plan["architecture"]) & frame["verify"].isna()
     frame.loc[skipped, "verify"] = "skipped"
-    frame["reason"] = frame["reason"].fillna(frame.get("reason_verify"))
+    # Either column is absent when no row of its stage had a reason (e.g. a --filter without refusals).
+    reason = frame.get("reason", pd.Series(None, index=frame.index, dtype=object))
+    frame["reason"] = reason.fillna(frame["reason_verify"]) if "reason_verify" in frame else reason
     frame = frame.drop(columns=[c for c in ("reason_verify",) if c in frame]).sort_values("architecture")
     args.out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out / "coverage.csv", index=False)

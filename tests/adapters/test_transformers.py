@@ -91,6 +91,12 @@ def tiny_poolformer(**overrides: object) -> PoolFormerForImageClassification:
     return PoolFormerForImageClassification(PoolFormerConfig(**(config | overrides)))
 
 
+def tiny_focalnet(**overrides: object) -> FocalNetForImageClassification:
+    """Two stages (widths 8, 16; two layers in the last): a 5 x 5 final map at 40 px."""
+    config = dict(embed_dim=8, depths=[1, 2], focal_levels=[2, 2], patch_size=4, num_labels=CLASSES)
+    return FocalNetForImageClassification(FocalNetConfig(**(config | overrides)))
+
+
 MODELS = {
     # ResNetBottleNeckLayer: conv+BN (no activation), += shortcut, then the layer's own activation module.
     "resnet_bottleneck": lambda: ResNetForImageClassification(
@@ -146,6 +152,10 @@ MODELS = {
     "poolformer": tiny_poolformer,
     # ... without layer scale (scale 1).
     "poolformer_no_layer_scale": lambda: tiny_poolformer(use_layer_scale=False, hidden_act="relu"),
+    # FocalNet: mlp.fc2 (a Linear on the (N, L, C) tokens), + shortcut -> LayerNorm across channels -> mean -> Linear.
+    "focalnet": tiny_focalnet,
+    # ... with a per-channel layer scale gamma_2 on fc2's output.
+    "focalnet_layer_scale": lambda: tiny_focalnet(use_layerscale=True),
 }
 
 FAMILIES = {
@@ -162,6 +172,8 @@ FAMILIES = {
     "bit_bottleneck": ("bit", "gelu"),
     "poolformer": ("poolformer", "identity"),
     "poolformer_no_layer_scale": ("poolformer", "identity"),
+    "focalnet": ("focalnet", "identity"),
+    "focalnet_layer_scale": ("focalnet", "identity"),
 }
 
 
@@ -185,17 +197,17 @@ def images_and_labels(size: int = SIZE, n: int = 3, seed: int = 1) -> tuple[Tens
 
 
 def prepare(model: nn.Module, seed: int = 0, size: int = SIZE) -> nn.Module:
-    """float64, eval, non-trivial BatchNorm statistics, GroupNorm affines, and ConvNeXt's / PoolFormer's layer
-    scales (initialised at 1e-6 / 1e-5)."""
+    """float64, eval, non-trivial BatchNorm statistics, GroupNorm and LayerNorm affines, and ConvNeXt's /
+    PoolFormer's / FocalNet's layer scales (initialised at 1e-6 / 1e-5 / 1e-4)."""
     generator = torch.Generator().manual_seed(seed)
     randomise_norms(model, generator)
     with torch.no_grad():
         for module in model.modules():
-            for name in ("layer_scale_parameter", "layer_scale_1", "layer_scale_2"):
+            for name in ("layer_scale_parameter", "layer_scale_1", "layer_scale_2", "gamma_2"):
                 gamma = getattr(module, name, None)
                 if isinstance(gamma, nn.Parameter):
                     gamma.copy_(0.5 + torch.rand(gamma.shape, generator=generator))
-            if isinstance(module, nn.GroupNorm) and module.affine:
+            if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
                 module.weight.copy_(0.5 + 1.5 * torch.rand(module.weight.shape, generator=generator))
                 module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=generator))
     model = model.double().eval()
@@ -250,7 +262,7 @@ def test_transformers_activations_are_read(hidden_act: str, expected: str) -> No
     assert result.activation == expected
 
 
-@pytest.mark.parametrize("name", ["convnext", "bit_preact", "poolformer"])
+@pytest.mark.parametrize("name", ["convnext", "bit_preact", "poolformer", "focalnet_layer_scale"])
 def test_verify_certifies(name: str) -> None:
     torch.manual_seed(0)
     model = prepare(MODELS[name]())
@@ -288,12 +300,9 @@ def test_saved_bit_loads_in_its_inference_form(tmp_path: Path) -> None:
     assert (head.family, head.coupling.label) == ("bit", "GroupNorm(4)")
 
 
-def test_focalnet_is_refused_for_its_layernorm() -> None:
-    config = FocalNetConfig(embed_dim=8, depths=[1, 1], focal_levels=[2, 2], num_labels=CLASSES)
-    with pytest.raises(
-        flatscan.UnsupportedModel, match=r"^focalnet\.layernorm \(LayerNorm\) normalises .* every position"
-    ):
-        flatscan.describe(FocalNetForImageClassification(config))
+def test_focalnet_post_layernorm_is_refused() -> None:
+    with pytest.raises(flatscan.UnsupportedModel, match=r"^use_post_layernorm: .* two LayerNorms in a row"):
+        flatscan.describe(tiny_focalnet(use_post_layernorm=True))
 
 
 def test_efficientnet_pooler_beyond_its_window_is_refused() -> None:
