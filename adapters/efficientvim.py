@@ -10,7 +10,7 @@ pooled vector, a parallel classifier with gain softmax(weights_dist)[-1] / 2 (an
 from __future__ import annotations
 
 from timm.models.efficientvim import EfficientViM, EfficientViMBlock, EfficientViMDistilled
-from torch import nn
+from torch import Tensor, nn
 
 from flatscan.contract import (
     NormalisedHead,
@@ -37,17 +37,19 @@ def describe_efficientvim(model: EfficientViM) -> NormalisedHead:
     if not isinstance(block, EfficientViMBlock) or not isinstance(block.drop_path, nn.Identity):
         raise UnsupportedModel(f"{block_name} is not an EfficientViMBlock in eval form: not the layout it knows")
     require_linear(submodule(model, f"heads.{last}"), f"heads.{last}")
-    gain = model.weights.detach().softmax(-1)[last].item()
-    parallel: tuple[tuple[str, float], ...] = ()
+    gain = model.weights.detach().softmax(-1)[last]
+    parallel: tuple[tuple[str, float | Tensor], ...] = ()
     if isinstance(model, EfficientViMDistilled):  # eval: (heads sum + heads_dist sum) / 2
         require_linear(submodule(model, f"heads_dist.{last}"), f"heads_dist.{last}")
         gain /= 2
-        parallel = ((f"heads_dist.{last}", model.weights_dist.detach().softmax(-1)[last].item() / 2),)
+        parallel = ((f"heads_dist.{last}", model.weights_dist.detach().softmax(-1)[last] / 2),)
     conv = f"{block_name}.ffn.fc2.conv"
     require_plain_conv(model, conv)
     # x + alpha_3 (ffn(x) - x): the feature layer's output is scaled by alpha_3 (per channel) after its BatchNorm.
     blend = block.alpha.detach().sigmoid().view(4, -1)[3]
-    scale = batchnorm_scale(submodule(model, f"{block_name}.ffn.fc2.norm"), f"{block_name}.ffn.fc2.norm") * blend
+    # In the inference form (flatscan.inference_form, timm's fuse) the BatchNorm is folded into the conv: norm None.
+    norm = submodule(model, f"{block_name}.ffn.fc2").norm
+    scale = blend if norm is None else batchnorm_scale(norm, f"{block_name}.ffn.fc2.norm") * blend
     return NormalisedHead(
         feature_layer=conv,
         pre_activation=Tap(f"norm.{last}", "output"),

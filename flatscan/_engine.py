@@ -255,7 +255,10 @@ def scan_constants(model: nn.Module, head: NormalisedHead, device: torch.device,
     kernel = feature_layer.weight.detach().to(dtype).flatten(1)
     # (classes, C): a 1x1-conv classifier's (classes, C, 1, 1) kernel is the same matrix
     classifiers = [(head.classifier, head.classifier_gain), *head.parallel_classifiers]
-    weights = [gain * modules[name].weight.detach().to(dtype).flatten(1) for name, gain in classifiers]
+    weights = [
+        torch.as_tensor(gain).to(dtype) * modules[name].weight.detach().to(dtype).flatten(1)
+        for name, gain in classifiers
+    ]
     return Constants(
         feature_layer=feature_layer,
         classifier_weight=torch.stack(weights).sum(0),

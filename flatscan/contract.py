@@ -93,11 +93,12 @@ class NormalisedHead:
     coupling: PooledCoupling | ChannelNorm | None = None
     pooled_offset: Tap | None = None
     # A fixed factor on the classifier's logits (EfficientViM weighs each stage's head by softmax(weights)); the
-    # other terms of such a sum do not depend on the feature layer, so they only shift the logits.
-    classifier_gain: float = 1.0
+    # other terms of such a sum do not depend on the feature layer, so they only shift the logits. A 0-dim tensor
+    # when read from the model's parameters (so describe works on the meta device too).
+    classifier_gain: float | Tensor = 1.0
     # Further Linear layers on the same pooled vector whose outputs, times their gains, add to the logits (the
     # distilled EfficientViM averages heads and heads_dist): the logits' Linear map is the gained sum of weights.
-    parallel_classifiers: tuple[tuple[str, float], ...] = ()
+    parallel_classifiers: tuple[tuple[str, float | Tensor], ...] = ()
     family: str = ""  # set by the registry (flatscan.describe) to the family the adapter was registered under
 
     def __post_init__(self) -> None:

@@ -31,6 +31,14 @@ def test_efficientvim_matches_autograd() -> None:
     assert head.coupling is not None and 0 < head.classifier_gain < 1
 
 
+def test_inference_form_matches_autograd() -> None:
+    # The loader's inference form folds every ConvLayer2d's BatchNorm (randomised first: timm zero-inits fc2's)
+    # into its conv (norm None).
+    model = flatscan.inference_form(prepare(tiny(EfficientViMDistilled)))
+    assert model.stages[2].blocks[0].ffn.fc2.norm is None
+    assert_matches_autograd(model, "efficientvim", size=64)
+
+
 def test_distilled_efficientvim_matches_autograd() -> None:
     head = assert_matches_autograd(tiny(EfficientViMDistilled), "efficientvim", size=64)
     assert [name for name, _ in head.parallel_classifiers] == ["heads_dist.3"]
