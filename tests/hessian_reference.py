@@ -55,7 +55,8 @@ def randomise_norms(model: nn.Module, generator: torch.Generator, scale: tuple[f
             elif isinstance(module, nn.GroupNorm) and module.affine:
                 c = module.num_channels
                 module.weight.copy_(lo + (hi - lo) * torch.rand(c, generator=generator))
-                module.bias.copy_(0.3 * torch.randn(c, generator=generator))
+                if module.bias is not None:  # timm's GroupNorm1NoBias
+                    module.bias.copy_(0.3 * torch.randn(c, generator=generator))
 
 
 def relative_error(actual: float, expected: float) -> float:
