@@ -8,6 +8,7 @@ zero-initialises some last BatchNorms, which would make the certificate vacuous)
 
     python scripts/coverage.py                      # all architectures, 2 processes
     python scripts/coverage.py --filter 'resnet*' --workers 1
+    python scripts/coverage.py --filter 'sequencer*' --merge   # re-run one family into the committed sweep
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ def temper_logits(model: nn.Module, images: torch.Tensor) -> None:
     """
     classifier = dict(model.named_modules())[flatscan.describe(model).classifier]
     with torch.no_grad():
+        if not classifier.weight.any():  # zero-initialised heads (Sequencer2d): no curvature to certify
+            classifier.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(2))
         factor = 2.0 / model(images).std().clamp_min(1e-6)
         classifier.weight.mul_(factor)
         if classifier.bias is not None:
@@ -269,11 +272,24 @@ def markdown(frame: pd.DataFrame, seconds: float, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged(out: Path, frame: pd.DataFrame, seconds: float, command: str) -> tuple[pd.DataFrame, float, str]:
+    """The sweep in ``out`` with ``frame``'s architectures replaced; its time and command extended by this run's."""
+    previous = pd.read_csv(out / "coverage.csv")
+    header = re.search(r"; ([\d.]+) min\. Command: `(.*)`\.", (out / "coverage.md").read_text())
+    if header is None:
+        raise SystemExit(f"{out / 'coverage.md'} has no sweep header to merge into: run the full sweep first")
+    rows = pd.concat([previous[~previous["architecture"].isin(frame["architecture"])], frame])
+    return rows.sort_values("architecture"), seconds + 60 * float(header[1]), f"{header[2]}`, then `{command}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--filter", default="*", help="fnmatch pattern of architecture names")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("reports"))
+    parser.add_argument(
+        "--merge", action="store_true", help="replace only the filtered architectures' rows of an existing sweep"
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     frame = pd.DataFrame(parallel(detect, architectures(args.filter), args.workers, "detect"))
@@ -296,9 +312,12 @@ def main() -> None:
     frame["reason"] = reason.fillna(frame["reason_verify"]) if "reason_verify" in frame else reason
     frame = frame.drop(columns=[c for c in ("reason_verify",) if c in frame]).sort_values("architecture")
     args.out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(args.out / "coverage.csv", index=False)
     command = "python scripts/coverage.py" + ("" if args.filter == "*" else f" --filter '{args.filter}'")
-    (args.out / "coverage.md").write_text(markdown(frame, time.perf_counter() - start, command))
+    seconds = time.perf_counter() - start
+    if args.merge:
+        frame, seconds, command = merged(args.out, frame, seconds, command + " --merge")
+    frame.to_csv(args.out / "coverage.csv", index=False)
+    (args.out / "coverage.md").write_text(markdown(frame, seconds, command))
     print(f"wrote {args.out / 'coverage.md'} and {args.out / 'coverage.csv'}")
 
 
