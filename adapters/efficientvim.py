@@ -48,7 +48,7 @@ def describe_efficientvim(model: EfficientViM) -> NormalisedHead:
     # x + alpha_3 (ffn(x) - x): the feature layer's output is scaled by alpha_3 (per channel) after its BatchNorm.
     blend = block.alpha.detach().sigmoid().view(4, -1)[3]
     # In the inference form (flatscan.inference_form, timm's fuse) the BatchNorm is folded into the conv: norm None.
-    norm = submodule(model, f"{block_name}.ffn.fc2").norm
+    norm = getattr(submodule(model, f"{block_name}.ffn.fc2"), "norm", None)
     scale = blend if norm is None else batchnorm_scale(norm, f"{block_name}.ffn.fc2.norm") * blend
     return NormalisedHead(
         feature_layer=conv,
