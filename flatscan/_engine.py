@@ -384,7 +384,8 @@ def sample_terms(
             coupling.inner_activation,
             head.activation,
             coupling.moments,
-            coupling.affine,
+            None if coupling.squeeze is None else coupling.squeeze(),
+            coupling.excitation,
             derivatives,
             coupling.statistics_of_input,
         )

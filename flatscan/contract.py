@@ -483,8 +483,10 @@ class PooledCoupling:
     """A tail that couples positions and channels through per-channel pooled moments (gates, GroupNorm, ...).
 
     Between the feature layer and the pre-activation: ``y = channel_scale * z + shift + r1`` is read at
-    ``inner_input``; ``w = inner_activation(y)``; ``u = mean over positions of (w, w^2)[:moments]``, (N, C, k);
-    ``alpha, beta = affine(u)``, each (N, C); the pre-activation is ``v = alpha * w + beta + r2``, whose
+    ``inner_input``; ``w = inner_activation(y)``; ``u = mean over positions of (w, w^2)[:moments]``, (N, C, k),
+    flattened in (channel, moment) order; ``z = squeeze() @ u``, R few statistics (an SE gate's first 1x1 conv,
+    GroupNorm's group averages; ``squeeze`` None: z = u); ``alpha, beta = excitation(z)``, each (N, C); the
+    pre-activation is ``v = alpha * w + beta + r2``, whose
     ``alpha * w + beta`` is read at ``affine_output`` (None: at the pre-activation itself, r2 = 0).
     ``pooled_layout``: the coupling's taps have the pooled vector's channel layout and are cut to the head's
     ``channels`` like the pre-activation; False: they hold the feature layer's channels only (a gate before a
@@ -492,15 +494,21 @@ class PooledCoupling:
     """
 
     inner_input: Tap
-    affine: Callable[[Tensor], tuple[Tensor, Tensor]]
+    excitation: Callable[[Tensor], tuple[Tensor, Tensor]]
     label: str
     moments: int = 1
+    squeeze: Callable[[], Tensor] | None = None  # E (R, C * moments), read from the module when called
     inner_activation: Activation | ChannelSiLU = field(default_factory=lambda: Activation("identity"))
     affine_output: Tap | None = None
     statistics_of_input: bool = False  # u are moments of y itself, not of w (EvoNorm-S0)
     statistics_dtype: torch.dtype | None = None  # the module computes its statistics in this dtype (EvoNorm: float32)
     modules: tuple[str, ...] = ()  # the modules ``affine`` runs (a gate's convs): part of the tail, not downstream
     pooled_layout: bool = True
+
+    def affine(self, stats: Tensor) -> tuple[Tensor, Tensor]:
+        """(alpha, beta) of the pooled moments ``stats`` (N, C, k)."""
+        flat = stats.flatten(1)
+        return self.excitation(flat if self.squeeze is None else flat @ self.squeeze().to(flat).T)
 
 
 _GATES = (SEModule, EcaModule, EffectiveSEModule, LegacySEModule)
@@ -516,19 +524,42 @@ def _require_gate(module: nn.Module, where: str) -> None:
         raise UnsupportedModel(f"{where} also max-pools the feature map: its gate is not a function of the mean")
 
 
-def _gate_logits(module: nn.Module, mean: Tensor) -> Tensor:
-    """The pre-gate values of a squeeze-excitation ``module`` for the pooled mean (N, C), as (N, C)."""
-    x = mean[:, :, None, None]
+def _gate_squeeze(module: nn.Module) -> Callable[[], Tensor] | None:
+    """E of a squeeze-excitation gate whose first layer is a 1x1 conv (SEModule, legacy SENet's): its weight (R, C)."""
+    if isinstance(module, (SEModule, LegacySEModule)):
+        fc1 = cast(nn.Conv2d, module.fc1)
+        return lambda: fc1.weight.detach().flatten(1)
+    return None
+
+
+def _gate_logits(module: nn.Module, squeezed: Tensor) -> Tensor:
+    """The pre-gate values of a squeeze-excitation ``module`` for its squeezed statistics (N, R), as (N, C).
+
+    For SEModule and legacy SENet's, ``squeezed`` is fc1's weight times the pooled mean (the bias is added here);
+    for the others it is the pooled mean itself.
+    """
     if isinstance(module, EcaModule):
-        y = module.conv(mean.unsqueeze(1))
+        y = module.conv(squeezed.unsqueeze(1))
         if module.conv2 is not None:
             y = module.conv2(module.act(y))
         return y.flatten(1)
-    if isinstance(module, SEModule):
-        return module.fc2(module.act(module.bn(module.fc1(x)))).flatten(1)
     if isinstance(module, EffectiveSEModule):
-        return module.fc(x).flatten(1)
-    return module.fc2(module.relu(module.fc1(x))).flatten(1)  # type: ignore[operator]
+        return _pointwise(module.fc, squeezed)
+    fc1 = cast(nn.Conv2d, module.fc1)
+    x = squeezed if fc1.bias is None else squeezed + fc1.bias
+    if isinstance(module, SEModule):
+        if not isinstance(module.bn, nn.Identity):
+            x = module.bn(x[:, :, None, None]).flatten(1)
+        return _pointwise(module.fc2, module.act(x))
+    return _pointwise(module.fc2, module.relu(x))  # type: ignore[operator]
+
+
+def _pointwise(conv: nn.Module, x: Tensor) -> Tensor:
+    """A gate's 1x1 conv on pooled vectors (N, C_in), as (N, C_out): a plain one as a linear map, which torch.func
+    differentiates far faster than a batched convolution."""
+    if isinstance(conv, nn.Conv2d) and conv.groups == 1 and conv.kernel_size == (1, 1) and conv.padding == (0, 0):
+        return F.linear(x, conv.weight.flatten(1), conv.bias)
+    return conv(x[:, :, None, None]).flatten(1)
 
 
 def _hard_sigmoid(x: Tensor) -> Tensor:
@@ -555,15 +586,16 @@ def squeeze_excitation(
     _require_gate(module, gate)
     activation = _twice_differentiable(module.sigmoid if isinstance(module, LegacySEModule) else module.gate)  # type: ignore[arg-type]
 
-    def affine(stats: Tensor) -> tuple[Tensor, Tensor]:
-        alpha = activation(_gate_logits(module, stats[..., 0]))
+    def excitation(squeezed: Tensor) -> tuple[Tensor, Tensor]:
+        alpha = activation(_gate_logits(module, squeezed))
         if scale is not None:
             alpha = alpha * scale
         return alpha, torch.zeros_like(alpha)
 
     return PooledCoupling(
         inner_input=inner_input,
-        affine=affine,
+        excitation=excitation,
+        squeeze=_gate_squeeze(module),
         label=f"{type(module).__name__} gate",
         inner_activation=inner or Activation("identity"),
         affine_output=Tap(gate, "output") if scale is None else None,
@@ -580,12 +612,10 @@ def group_norm(model: nn.Module, norm: str, inner_input: Tap | None = None) -> P
     module = submodule(model, norm)
     if not isinstance(module, nn.GroupNorm):
         raise UnsupportedModel(f"{norm} is {type(module).__name__}, not a GroupNorm")
-    groups, eps = module.num_groups, module.eps
+    groups, eps, channels = module.num_groups, module.eps, module.num_channels
 
-    def affine(stats: Tensor) -> tuple[Tensor, Tensor]:
-        n, channels, _ = stats.shape
-        grouped = stats.view(n, groups, channels // groups, 2).mean(2)
-        mean, square = grouped[..., 0], grouped[..., 1]
+    def excitation(grouped: Tensor) -> tuple[Tensor, Tensor]:
+        mean, square = grouped[:, 0::2], grouped[:, 1::2]
         rstd = torch.rsqrt(square - mean.square() + eps).repeat_interleave(channels // groups, 1)
         alpha = rstd if module.weight is None else module.weight * rstd
         beta = -alpha * mean.repeat_interleave(channels // groups, 1)
@@ -593,11 +623,19 @@ def group_norm(model: nn.Module, norm: str, inner_input: Tap | None = None) -> P
 
     return PooledCoupling(
         inner_input=inner_input or Tap(norm, "input"),
-        affine=affine,
+        excitation=excitation,
+        squeeze=lambda: group_averages(groups, channels),
         label=f"GroupNorm({groups})",
         moments=2,
         modules=(norm,),
     )
+
+
+def group_averages(groups: int, channels: int) -> Tensor:
+    """E (2 groups, 2 channels) mapping per-channel (mean, mean of squares) to per-group ones, (group, moment) rows."""
+    # float64: 1 / group size is rarely a float32 number, and float64 models are measured in float64.
+    members = torch.eye(groups, dtype=torch.float64).repeat_interleave(channels // groups, 1) * (groups / channels)
+    return torch.kron(members, torch.eye(2, dtype=torch.float64))
 
 
 @dataclass(frozen=True, eq=False)
@@ -640,12 +678,10 @@ def evo_norm(model: nn.Module, norm: str) -> PooledCoupling:
     if type(found) not in (EvoNorm2dS0, EvoNorm2dS0a):
         raise UnsupportedModel(f"{norm} is {type(found).__name__}, not EvoNorm2dS0 / S0a")
     module = cast(EvoNorm2dS0, found)
-    groups, eps = int(module.groups), float(module.eps)
+    groups, eps, channels = int(module.groups), float(module.eps), cast(Tensor, module.weight).shape[0]
 
-    def affine(stats: Tensor) -> tuple[Tensor, Tensor]:
-        n, channels, _ = stats.shape
-        grouped = stats.view(n, groups, channels // groups, 2).mean(2)
-        std = (grouped[..., 1] - grouped[..., 0].square() + eps).sqrt().repeat_interleave(channels // groups, 1)
+    def excitation(grouped: Tensor) -> tuple[Tensor, Tensor]:
+        std = (grouped[:, 1::2] - grouped[:, 0::2].square() + eps).sqrt().repeat_interleave(channels // groups, 1)
         alpha = cast(Tensor, module.weight) / std
         return alpha, cast(Tensor, module.bias).expand_as(alpha)
 
@@ -654,7 +690,8 @@ def evo_norm(model: nn.Module, norm: str) -> PooledCoupling:
     )
     return PooledCoupling(
         inner_input=Tap(norm, "input"),
-        affine=affine,
+        excitation=excitation,
+        squeeze=lambda: group_averages(groups, channels),
         label=f"{type(module).__name__}({groups})",
         moments=2,
         inner_activation=inner,

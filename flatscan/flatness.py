@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -258,9 +260,15 @@ class HeadDerivatives:
 
     def _factor(self, dtype: torch.dtype) -> Tensor:
         """V with B = V^T V, V_k = sqrt(p_k) (w_k - W^T p): (N, classes, C) in ``dtype`` (linear head)."""
+        return self._rows.to(dtype)
+
+    @cached_property
+    def _rows(self) -> Tensor:
+        """V in the classifier weight's dtype, formed once: the contractions of one batch share it."""
         assert self.probs is not None and self.weight is not None
+        dtype = self.weight.dtype
         mean_row = (self.probs @ self.weight.double()).to(dtype)  # W^T p
-        return self.probs.sqrt().to(dtype).unsqueeze(-1) * (self.weight.to(dtype) - mean_row.unsqueeze(1))
+        return self.probs.sqrt().to(dtype).unsqueeze(-1) * (self.weight - mean_row.unsqueeze(1))
 
     def factor(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Rows V_j and signs w_j with B = sum_j w_j V_j^T V_j: (N, J, C) and (N, J).
@@ -387,48 +395,63 @@ def classifier_flatness(inputs: Tensor, logits: Tensor, weight: Tensor) -> Tenso
 #
 #     w = rho(y)                                         element-wise "inner" activation (identity for SE / norms)
 #     u_ci = mean_p psi_i(w_cp),  psi = (w, w^2)[:k]     k = 1 or 2 pooled moments per channel
-#     alpha, beta = Theta(u)                             per-channel scale and shift (SE gate, GroupNorm, ...)
+#     alpha, beta = Theta(u) = Xi(E u)                   per-channel scale and shift (SE gate, GroupNorm, ...)
 #     v = alpha * w + beta + r2;  a = sigma(v);  h = mean_p a;  loss = CE(head(h), y)
+#
+# E (R x C*k) is the tail's squeeze: a linear map to R few statistics (an SE gate's first 1x1 conv, GroupNorm's group
+# averages; the identity when the tail has none), Xi its excitation. Everything that passes through the statistics
+# has rank R, so no product costs more than classes x C x R or C x C x R.
 #
 # With F(y, theta) = sigma(alpha rho(y) + beta + r2), theta = (alpha, beta), and U = du/dy, the Hessian of the loss
 # w.r.t. y is  Phi_yy + Phi_yu U + U^T Phi_uy + U^T Phi_uu U + sum_ci (dl/du_ci) Hess u_ci  (u as a function of y
 # pulled out of the tail). Each piece contracts with Qy (x) G (Qy = S Q S, G the patch Gram) in closed form:
 #
 #     gamma_c = mean_p F_y P_p,  mu_ci = mean_p psi_i' P_p,  chi_cj = mean_p F_{y theta_j} P_p          (in R^D)
-#     M = dh/du = diag-block(mean_p F_theta) J_Theta,   lambda = M^T e
-#     Phi_uu = M^T B M + Hess_u [ sum_cj e_c (mean_p F_theta_j) Theta_cj + 1/2 sum_c e_c dTheta_c^T Omega_c dTheta_c ]
+#     J = dXi/dz (C x 2 x R),  M = dh/du = diag-block(mean_p F_theta) J E = M_z E,   lambda = M^T e
+#     Phi_uu = E^T Phi_z E,  Phi_z = M_z^T B M_z + Hess_z [ sum_cj e_c (mean_p F_theta_j) Xi_cj
+#                                                         + 1/2 sum_c e_c dXi_c^T Omega_c dXi_c ]
 #              (Omega_c = mean_p F_theta_theta; the second part is J^T diag(e Omega) J, one Hessian by torch.func)
 #     <H, Qy (x) G> = sum_cc' Qy_cc' [ B_cc' <gamma_c, gamma_c'>
 #                                      + sum_ii' Phi_uu[ci, c'i'] <mu_ci, mu_c'i'>
 #                                      + 2 sum_i ((B M)_{c,c'i} <gamma_c, mu_c'i>
-#                                                 + e_c sum_j J[cj, c'i] <chi_cj, mu_c'i>) ]
+#                                                 + e_c sum_j (J_j E)[c, c'i] <chi_cj, mu_c'i>) ]
 #                     + sum_c Qy_cc [ e_c mean_p F_yy ||P_p||^2 + sum_i lambda_ci mean_p psi_i'' ||P_p||^2 ]
+#
+# Tr(H) needs only the diagonal of each (C x C) term: O(C R) each, no C x C product.
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CoupledTerms:
     """Per-sample pieces of <Hess_y loss, Qy (x) G> for a pooled-statistic tail (see the comment above).
 
-    ``slope_gram`` <gamma_c, gamma_c'> (N, C, C) pairs with B; ``coupling`` (N, C, C) and ``local`` (N, C) are the
-    rest, already contracted over statistics and positions, so any channel weight Qy contracts in O(C^2).
+    Coefficients over positions (the 1/L of the means included): ``slope`` of gamma (N, C, L), ``stat`` of mu
+    (N, k, C, L), ``mixed`` of chi (N, 2, C, L). Through the squeezed statistics: ``phi`` Phi_z (N, R, R),
+    ``head_path`` B M_z (N, C, R), ``jac`` J (N, C, 2, R) and ``squeeze`` E as (R, C, k), None for the identity.
+    ``local`` (N, C) is the diagonal rest. The (C, C) matrices are formed only for a dense channel weight.
     """
 
-    slope_gram: Tensor
-    coupling: Tensor
+    patches: Tensor
+    slope: Tensor
+    stat: Tensor
+    mixed: Tensor
+    phi: Tensor
+    head_path: Tensor
+    jac: Tensor
+    squeeze: Tensor | None
     local: Tensor
     head: HeadDerivatives
 
     def contract(self, channel_weight: Tensor) -> Tensor:
         """<Hess_y loss, Qy (x) G> per sample, float64; ``channel_weight`` is Qy (C, C), symmetric."""
-        dense = (channel_weight * self.coupling).sum((1, 2), dtype=torch.float64)
+        dense = self._coupling(diagonal=False, weight=channel_weight)
         local = (channel_weight.diagonal() * self.local).sum(1, dtype=torch.float64)
         return self.head.contract(channel_weight * self.slope_gram) + dense + local
 
     def trace(self, channel_scale: Tensor) -> Tensor:
-        """Tr(H) = <Hess_y loss, S^2 (x) G> per sample, float64, without forming a (C, C) weight."""
+        """Tr(H) = <Hess_y loss, S^2 (x) G> per sample, float64, from diagonals only."""
         scale2 = channel_scale.square()
-        gram = (self.head.diagonal() * self.slope_gram.diagonal(dim1=1, dim2=2)).to(torch.float64)
-        rest = self.coupling.diagonal(dim1=1, dim2=2) + self.local
+        gram = (self.head.diagonal() * _coefficient_grams(self.patches, self.slope, self.slope, True)).double()
+        rest = self._coupling(diagonal=True) + self.local
         return (scale2 * gram).sum(1, dtype=torch.float64) + (scale2 * rest).sum(1, dtype=torch.float64)
 
     def block_traces(self, channel_scale: Tensor) -> Tensor:
@@ -439,33 +462,135 @@ class CoupledTerms:
         scale = channel_scale.double()
         return total * scale[:, None] * scale[None, :]
 
+    @cached_property
+    def slope_gram(self) -> Tensor:
+        """<gamma_c, gamma_c'>, (N, C, C)."""
+        return _coefficient_grams(self.patches, self.slope, self.slope)
 
-def _stat_hessian(
-    affine: Callable[[Tensor], tuple[Tensor, Tensor]], stats: Tensor, linear: Tensor, quadratic: Tensor
-) -> Tensor:
-    """Hess_u [<linear, Theta(u)> + 1/2 sum_c dTheta_c^T quadratic_c dTheta_c] at ``stats``, per sample: (N, C*k, C*k).
+    @cached_property
+    def coupling(self) -> Tensor:
+        """The (C, C) matrix the channel weight contracts with, beyond B o slope_gram and the diagonal ``local``."""
+        return self._coupling(diagonal=False)
 
-    ``linear`` is (N, C, 2), ``quadratic`` (N, C, 2, 2); Theta(u) = stack(alpha, beta). Forward over reverse, exact:
-    vmapped reverse-mode through a gate's convolutions would expand their weight gradient per basis vector.
-    """
+    def _expand(self, x: Tensor, moment: int, diagonal: bool) -> Tensor:
+        """(x E_i)[c, c'] for x (N, C, R), E_i the squeeze's columns of the moment ``i``: (N, C, C), or its diagonal.
 
-    def objective(u: Tensor, lin: Tensor, quad: Tensor, u0: Tensor) -> Tensor:
-        theta = torch.stack(affine(u.unsqueeze(0)), -1)[0]
-        theta0 = torch.stack(affine(u0.unsqueeze(0)), -1)[0].detach()
-        delta = theta - theta0
-        return (lin * theta).sum() + 0.5 * torch.einsum("cj,cjk,ck->", delta, quad, delta)
+        A squeeze whose columns each hold one entry (the identity, group averages) gathers instead of multiplying.
+        """
+        columns = self._columns(moment, x)  # (R, C)
+        if (columns != 0).sum(0).max() > 1:
+            return (x * columns.T).sum(-1) if diagonal else x @ columns
+        rows = columns.abs().argmax(0)
+        weights = columns.gather(0, rows[None])[0]
+        picked = x.gather(2, rows.expand(x.shape[0], -1)[..., None])[..., 0] if diagonal else x[..., rows]
+        return picked * weights
 
-    hessian = torch.func.vmap(torch.func.jacfwd(torch.func.grad(objective)))(stats, linear, quadratic, stats)
-    n, c, k = stats.shape
-    return hessian.reshape(n, c * k, c * k)
+    def _columns(self, moment: int, like: Tensor) -> Tensor:
+        """E_i, the squeeze's columns of the moment ``i``, (R, C), in ``like``'s dtype and device."""
+        if self.squeeze is not None:
+            return self.squeeze[..., moment].to(like)
+        channels, moments = self.slope.shape[1], self.stat.shape[1]
+        return torch.eye(channels * moments, dtype=like.dtype, device=like.device)[:, moment::moments]
+
+    def _coupling(self, diagonal: bool, weight: Tensor | None = None) -> Tensor:
+        """sum_ii' Phi_uu o <mu, mu> + 2 sum_i (B M o <gamma, mu> + e (J_j E) o <chi_j, mu>): (N, C, C) or (N, C);
+        with a channel ``weight`` Qy, its contraction sum_cc' Qy_cc' [...]_cc' per sample (N,), float64.
+
+        Every term is (X E_i')[c, c'] <a_c, mu_c'i'> for some X (N, C, R) and coefficients a: the terms are taken by
+        the right-hand moment i'. When mu_c'i' is the same for every channel (psi_i' = y), <a_c, mu_c'i'> depends on c
+        alone and all terms of that moment fold into one expansion Y E_i', Y = sum_t diag(<a_t, mu>) X_t, which
+        contracts with Qy as <Y, Qy E_i'^T>: (C, R) per sample, no (C, C) product.
+        """
+        moments = self.stat.shape[1]
+        grad = self.head.grad.to(self.phi.dtype)[..., None]
+        left = [(2 * self.head_path, self.slope)]
+        left += [(2 * grad * self.jac[:, :, j], self.mixed[:, j]) for j in range(2) if self.jac[:, :, j].any()]
+        # E_i^T Phi_z (N, C, R): with E_i' on the right, the (C, C) block i, i' of Phi_uu, never all (C k)^2 at once.
+        left += [(self._expand(self.phi, i, False).transpose(1, 2), self.stat[:, i]) for i in range(moments)]
+        n, channels = self.local.shape
+        shape = (n,) if weight is not None else (n, channels) if diagonal else (n, channels, channels)
+        total = self.local.new_zeros(shape, dtype=None if weight is None else torch.float64)
+        matrix: Tensor | None = None  # the unfolded terms, (C, C) or diagonal
+        for i2 in range(moments):
+            right = self.stat[:, i2]
+            if bool((right == right[:, :1]).all()):
+                folded = cast(Tensor, sum(x * _coefficient_grams(self.patches, a, right[:, :1]) for x, a in left))
+                if weight is None:
+                    total = total + self._expand(folded, i2, diagonal)
+                else:
+                    weighted_columns = weight.to(folded) @ self._columns(i2, folded).T  # Qy E_i'^T (C, R)
+                    total = total + (folded * weighted_columns).sum((1, 2), dtype=torch.float64)
+                continue
+            if weight is not None and (grouped := self._grouped_contraction(left, i2, weight)) is not None:
+                total = total + grouped
+                continue
+            for x, a in left:
+                term = self._expand(x, i2, diagonal) * _coefficient_grams(self.patches, a, right, diagonal)
+                matrix = term if matrix is None else matrix + term
+        if matrix is None:
+            return total
+        return total + (matrix if weight is None else (matrix * weight).sum((1, 2), dtype=torch.float64))
+
+    def _grouped_contraction(self, left: list[tuple[Tensor, Tensor]], moment: int, weight: Tensor) -> Tensor | None:
+        """sum_t <Qy, (X_t E_i') o <a_t, mu_i'>> per sample, float64, when each column of E_i' holds one entry w_c'
+        in row s(c') (GroupNorm's averages): as sum_s <Z_s, T_s> with Z_s = sum_t X_t[:, s] a_t and
+        T_s = sum_{c': s(c') = s} Qy[:, c'] w_c' mu_c', both (C, L); no (C, C) matrix per sample.
+        None when the per-term (C, C) route is cheaper."""
+        columns = self._columns(moment, weight)
+        rows = columns.abs().argmax(0)
+        statistics = rows.unique()
+        spaced = [_patch_space(self.patches, a, self.stat[:, moment]) for _, a in left]
+        right = spaced[0][1]
+        if (columns != 0).sum(0).max() > 1 or len(statistics) * right.shape[-1] > right.shape[1]:
+            return None
+        entries = columns.gather(0, rows[None])[0]
+        total = right.new_zeros(right.shape[0], dtype=torch.float64)
+        weight = weight.to(right)
+        for statistic in statistics:
+            members = (rows == statistic).nonzero()[:, 0]
+            weighted = weight[:, members] @ (entries[members, None] * right[:, members])  # T_s (N, C, L)
+            pairs = zip(left, spaced, strict=True)
+            summed = cast(Tensor, sum(x[:, :, statistic, None] * a for (x, _), (a, _) in pairs))  # Z_s (N, C, L)
+            total = total + (summed * weighted).sum((1, 2), dtype=torch.float64)
+        return total
 
 
-def _coefficient_grams(patches: Tensor, left: Tensor, right: Tensor) -> Tensor:
-    """<a_x, b_y> for D-vectors a_x = sum_p left[x, p] P_p and b_y likewise: (N, X, Y), via P^T P when L < D."""
+def _patch_space(patches: Tensor, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
+    """(a', b') with <a_x, b_y> = a'_x . b'_y, a_x = sum_p left[x, p] P_p: (left P^T P, right) when L < D, else
+    (left P^T, right P^T)."""
     p = patches[:, 0]  # (N, D, L)
     if p.shape[-1] < p.shape[-2]:
-        return (left @ (p.transpose(1, 2) @ p)) @ right.transpose(1, 2)
-    return (left @ p.transpose(1, 2)) @ (right @ p.transpose(1, 2)).transpose(1, 2)
+        return left @ (p.transpose(1, 2) @ p), right
+    return left @ p.transpose(1, 2), right @ p.transpose(1, 2)
+
+
+def _stat_hessian(
+    excitation: Callable[[Tensor], tuple[Tensor, Tensor]],
+    squeezed: Tensor,
+    linear: Tensor,
+    jac: Tensor,
+    quadratic: Tensor,
+) -> Tensor:
+    """Hess_z [<linear, Xi(z)> + 1/2 sum_c dXi_c^T quadratic_c dXi_c] at ``squeezed`` z (N, R), per sample: (N, R, R).
+
+    ``linear`` is (N, C, 2), ``jac`` dXi/dz (N, C, 2, R), ``quadratic`` (N, C, 2, 2); Xi(z) = stack(alpha, beta).
+    The quadratic part is J^T quadratic J; the linear one forward over reverse, exact: vmapped reverse-mode through a
+    gate's convolutions would expand their weight gradient per basis vector.
+    """
+
+    def objective(z: Tensor, lin: Tensor) -> Tensor:
+        return (lin * torch.stack(excitation(z.unsqueeze(0)), -1)[0]).sum()
+
+    hessian = torch.func.vmap(torch.func.jacfwd(torch.func.grad(objective)))(squeezed, linear)
+    weighted = torch.einsum("ncjk,ncks->ncjs", quadratic, jac).flatten(1, 2)  # (N, 2C, R)
+    return hessian + jac.flatten(1, 2).transpose(1, 2) @ weighted
+
+
+def _coefficient_grams(patches: Tensor, left: Tensor, right: Tensor, diagonal: bool = False) -> Tensor:
+    """<a_x, b_y> for D-vectors a_x = sum_p left[x, p] P_p and b_y likewise: (N, X, Y), via P^T P when L < D; with
+    ``diagonal``, only <a_x, b_x> (N, X)."""
+    left, right = _patch_space(patches, left, right)
+    return (left * right).sum(-1) if diagonal else left @ right.transpose(1, 2)
 
 
 def _affine_derivatives(
@@ -505,14 +630,16 @@ def coupled_terms(
     inner: Activation | ChannelSiLU,
     outer: Activation,
     moments: int,
-    affine: Callable[[Tensor], tuple[Tensor, Tensor]],
+    squeeze: Tensor | None,
+    excitation: Callable[[Tensor], tuple[Tensor, Tensor]],
     head: HeadDerivatives,
     statistics_of_input: bool = False,
 ) -> CoupledTerms:
     """The pieces of a pooled-statistic tail's Hessian contraction, per sample (formulas in the comment above).
 
     ``inner_input`` is y and ``pre_activation`` v, both (N, C, L); ``patches`` (N, 1, D, L) (one group);
-    ``affine`` maps the pooled moments u (N, C, ``moments``) to (alpha, beta), each (N, C); ``head`` holds e, B.
+    ``squeeze`` is E (R, C * ``moments``), columns in (channel, moment) order, or None for the identity;
+    ``excitation`` maps the squeezed statistics z = E u (N, R) to (alpha, beta), each (N, C); ``head`` holds e, B.
     The moments are of w = inner(y), or of y itself with ``statistics_of_input`` (psi then acts on y).
     """
     n, channels, positions = inner_input.shape
@@ -521,43 +648,43 @@ def coupled_terms(
     sig1, sig2 = outer.derivatives(pre_activation)
     base, base1, base2 = (inner_input, None, None) if statistics_of_input else (w, rho1, rho2)
     stats, psi1, psi2 = _pooled_moments(base, base1, base2, moments)
-    alpha = affine(stats)[0]
+    squeeze = None if squeeze is None else squeeze.to(stats)
+    squeezed = stats.flatten(1) if squeeze is None else stats.flatten(1) @ squeeze.T  # z (N, R)
+    alpha = excitation(squeezed)[0]
     slope, second, param_slope, mixed, param_curv = _affine_derivatives(
         alpha.detach()[..., None], w, rho1, rho2, sig1, sig2
     )
+    grad = head.grad.to(stats.dtype)
 
-    def theta(u: Tensor) -> Tensor:
-        return torch.stack(affine(u.unsqueeze(0)), -1)[0]
+    def theta(z: Tensor) -> Tensor:
+        return torch.stack(excitation(z.unsqueeze(0)), -1)[0]
 
     with torch.enable_grad():
-        jac = torch.func.vmap(torch.func.jacfwd(theta))(stats)  # (N, C, 2, C, k)
-        stat_hessian = _stat_hessian(
-            affine,
-            stats,
-            head.grad.to(stats.dtype)[..., None] * param_slope,
-            head.grad.to(stats.dtype)[..., None, None] * param_curv,
-        )
-    dh_du = torch.einsum("ncj,ncjdk->ncdk", param_slope, jac).reshape(n, channels, channels * moments)
-    lam = torch.einsum("ncs,nc->ns", dh_du, head.grad.to(dh_du.dtype))  # (N, C*k)
-    b_dh_du, dh_du_b_dh_du = head.apply_and_sandwich(dh_du)  # B M (N, C, C*k) and M^T B M (N, C*k, C*k)
-    stat_hessian = stat_hessian + dh_du_b_dh_du
+        jac = torch.func.vmap(torch.func.jacfwd(theta))(squeezed)  # (N, C, 2, R)
+        linear, quadratic = grad[..., None] * param_slope, grad[..., None, None] * param_curv
+        stat_hessian = _stat_hessian(excitation, squeezed, linear, jac, quadratic)
+    dh_dz = torch.einsum("ncj,ncjs->ncs", param_slope, jac)  # M_z (N, C, R)
+    lam = torch.einsum("ncs,nc->ns", dh_dz, grad)  # M_z^T e (N, R)
+    lam = (lam if squeeze is None else lam @ squeeze).view(n, channels, moments)  # lambda = E^T M_z^T e
+    head_path, sandwich = head.apply_and_sandwich(dh_dz)  # B M_z (N, C, R) and M_z^T B M_z (N, R, R)
 
     scale = 1.0 / positions
-    stat_coef = (psi1 * scale).transpose(1, 2).reshape(n, channels * moments, positions)  # (c, i) order
-    slope_gram = _coefficient_grams(patches, slope * scale, slope * scale)
-    stat_gram = _coefficient_grams(patches, stat_coef, stat_coef)
-    slope_stat = _coefficient_grams(patches, slope * scale, stat_coef).view(n, channels, channels, moments)
-    mixed_stat = _coefficient_grams(patches, (mixed * scale).flatten(1, 2), stat_coef).view(
-        n, 2, channels, channels, moments
-    )
-    quad = (stat_hessian * stat_gram).view(n, channels, moments, channels, moments).sum((2, 4))
-    cross = (b_dh_du.view(n, channels, channels, moments) * slope_stat).sum(-1)
-    cross = cross + head.grad.to(jac.dtype)[:, :, None] * torch.einsum("ncjdk,njcdk->ncd", jac, mixed_stat)
     patch_sqnorms = patches[:, 0].square().sum(1)  # (N, L)
-    psi_curv = (psi2 * scale) @ patch_sqnorms[:, None, :, None]  # (N, k, C, 1)
-    local = head.grad.to(second.dtype) * ((second * scale) @ patch_sqnorms[..., None])[..., 0]
-    local = local + (lam.view(n, channels, moments).transpose(1, 2) * psi_curv[..., 0]).sum(1)
-    return CoupledTerms(slope_gram, quad + 2 * cross, local, head)
+    psi_curv = ((psi2 * scale) @ patch_sqnorms[:, None, :, None])[..., 0]  # (N, k, C)
+    local = grad * ((second * scale) @ patch_sqnorms[..., None])[..., 0]
+    local = local + (lam.transpose(1, 2) * psi_curv).sum(1)
+    return CoupledTerms(
+        patches=patches,
+        slope=slope * scale,
+        stat=psi1 * scale,
+        mixed=mixed * scale,
+        phi=stat_hessian + sandwich,
+        head_path=head_path,
+        jac=jac,
+        squeeze=None if squeeze is None else squeeze.view(-1, channels, moments),
+        local=local,
+        head=head,
+    )
 
 
 # LayerNorm across channels at every position (LayerNorm2d, channel LayerNorm) after the feature layer:
