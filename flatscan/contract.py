@@ -551,7 +551,7 @@ def _gate_logits(module: nn.Module, squeezed: Tensor) -> Tensor:
         if not isinstance(module.bn, nn.Identity):
             x = module.bn(x[:, :, None, None]).flatten(1)
         return _pointwise(module.fc2, module.act(x))
-    return _pointwise(module.fc2, module.relu(x))  # type: ignore[operator]
+    return _pointwise(cast(nn.Module, module.fc2), module.relu(x))  # type: ignore[operator]
 
 
 def _pointwise(conv: nn.Module, x: Tensor) -> Tensor:
