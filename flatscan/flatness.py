@@ -532,36 +532,40 @@ class CoupledTerms:
         return total + (matrix if weight is None else (matrix * weight).sum((1, 2), dtype=torch.float64))
 
     def _grouped_contraction(self, left: list[tuple[Tensor, Tensor]], moment: int, weight: Tensor) -> Tensor | None:
-        """sum_t <Qy, (X_t E_i') o <a_t, mu_i'>> per sample, float64, when each column of E_i' holds one entry w_c'
-        in row s(c') (GroupNorm's averages): as sum_s <Z_s, T_s> with Z_s = sum_t X_t[:, s] a_t and
-        T_s = sum_{c': s(c') = s} Qy[:, c'] w_c' mu_c', both (C, L); no (C, C) matrix per sample.
-        None when the per-term (C, C) route is cheaper."""
+        """sum_t <Qy, (X_t E_i') o <a_t, mu_i'>> per sample, float64, when each column c' of E_i' holds one entry w_c'
+        in row s(c') and every used row the same number of columns (GroupNorm's averages): as
+        sum_t sum_cs X_t[c, s] <a_tc, T_cs> with T_cs = sum_{c': s(c') = s} Qy_cc' w_c' mu_c', (N, C, S, L); no (C, C)
+        matrix per sample. None when the per-term (C, C) route is cheaper."""
         columns = self._columns(moment, weight)
         rows = columns.abs().argmax(0)
-        statistics = rows.unique()
-        spaced = [_patch_space(self.patches, a, self.stat[:, moment]) for _, a in left]
-        right = spaced[0][1]
-        if (columns != 0).sum(0).max() > 1 or len(statistics) * right.shape[-1] > right.shape[1]:
+        order = rows.argsort(stable=True)
+        statistics, members = rows.unique(return_counts=True)
+        right = _patch_right(self.patches, self.stat[:, moment])  # mu_c' (N, C, L) in patch space
+        n, channels, space = right.shape
+        if (columns != 0).sum(0).max() > 1 or bool((members != members[0]).any()) or len(statistics) * space > channels:
             return None
         entries = columns.gather(0, rows[None])[0]
-        total = right.new_zeros(right.shape[0], dtype=torch.float64)
-        weight = weight.to(right)
-        for statistic in statistics:
-            members = (rows == statistic).nonzero()[:, 0]
-            weighted = weight[:, members] @ (entries[members, None] * right[:, members])  # T_s (N, C, L)
-            pairs = zip(left, spaced, strict=True)
-            summed = cast(Tensor, sum(x[:, :, statistic, None] * a for (x, _), (a, _) in pairs))  # Z_s (N, C, L)
-            total = total + (summed * weighted).sum((1, 2), dtype=torch.float64)
-        return total
+        grouped_weight = (weight.to(right) * entries)[:, order].view(channels, len(statistics), -1)
+        grouped_right = right[:, order].view(n, len(statistics), -1, space).permute(1, 2, 0, 3).flatten(2)  # (S, m, NL)
+        spread = (grouped_weight.transpose(0, 1) @ grouped_right).view(len(statistics), channels, n, space)
+        spread = spread.permute(2, 1, 0, 3)  # T_cs (N, C, S, L)
+        coefficients = torch.stack([_patch_left(self.patches, a) for _, a in left], 2)  # (N, C, terms, L)
+        projected = spread @ coefficients.transpose(2, 3)  # <a_tc, T_cs> (N, C, S, terms), one batched product
+        factors = torch.stack([x[:, :, statistics] for x, _ in left], -1)  # X_t[c, s] (N, C, S, terms)
+        return (factors * projected).sum((1, 2, 3), dtype=torch.float64)
 
 
-def _patch_space(patches: Tensor, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
-    """(a', b') with <a_x, b_y> = a'_x . b'_y, a_x = sum_p left[x, p] P_p: (left P^T P, right) when L < D, else
-    (left P^T, right P^T)."""
+def _patch_left(patches: Tensor, left: Tensor) -> Tensor:
+    """a' with <a_x, b_y> = a'_x . b'_y for a_x = sum_p left[x, p] P_p (b' from :func:`_patch_right`): left P^T P
+    (N, X, L) when L < D, else left P^T (N, X, D)."""
     p = patches[:, 0]  # (N, D, L)
-    if p.shape[-1] < p.shape[-2]:
-        return left @ (p.transpose(1, 2) @ p), right
-    return left @ p.transpose(1, 2), right @ p.transpose(1, 2)
+    return left @ (p.transpose(1, 2) @ p) if p.shape[-1] < p.shape[-2] else left @ p.transpose(1, 2)
+
+
+def _patch_right(patches: Tensor, right: Tensor) -> Tensor:
+    """b', the right factor of :func:`_patch_left`: ``right`` itself when L < D, else right P^T."""
+    p = patches[:, 0]
+    return right if p.shape[-1] < p.shape[-2] else right @ p.transpose(1, 2)
 
 
 def _stat_hessian(
@@ -589,7 +593,7 @@ def _stat_hessian(
 def _coefficient_grams(patches: Tensor, left: Tensor, right: Tensor, diagonal: bool = False) -> Tensor:
     """<a_x, b_y> for D-vectors a_x = sum_p left[x, p] P_p and b_y likewise: (N, X, Y), via P^T P when L < D; with
     ``diagonal``, only <a_x, b_x> (N, X)."""
-    left, right = _patch_space(patches, left, right)
+    left, right = _patch_left(patches, left), _patch_right(patches, right)
     return (left * right).sum(-1) if diagonal else left @ right.transpose(1, 2)
 
 
