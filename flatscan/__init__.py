@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from flatscan.contract import NormalisedHead, Tap
-    from flatscan.errors import FlatscanError, ScanError, ScanInterrupted, UnsupportedModel
+    from flatscan.errors import FlatscanError, NonFiniteValue, ScanError, ScanInterrupted, UnsupportedModel
     from flatscan.flatness import Activation
     from flatscan.inference import inference_form
     from flatscan.io.data import DataOptions, open_eval_data
@@ -29,6 +29,7 @@ _EXPORTS = {
     "Adapter": "flatscan.registry",
     "DataOptions": "flatscan.io.data",
     "FlatscanError": "flatscan.errors",
+    "NonFiniteValue": "flatscan.errors",
     "NormalisedHead": "flatscan.contract",
     "ScanError": "flatscan.errors",
     "ScanInterrupted": "flatscan.errors",
@@ -51,6 +52,7 @@ __all__ = [
     "Adapter",
     "DataOptions",
     "FlatscanError",
+    "NonFiniteValue",
     "NormalisedHead",
     "ScanError",
     "ScanInterrupted",

@@ -23,6 +23,10 @@ class ScanError(FlatscanError):
     """The evaluation data cannot be scanned (no samples, labels outside the model's classes)."""
 
 
+class NonFiniteValue(FlatscanError):
+    """A weight, the logits or a measure holds NaN/Inf: never a result; the message names the tensor."""
+
+
 class ScanInterrupted(FlatscanError):
     """The scan was interrupted (Ctrl-C); ``partial`` holds the result over the samples finished so far."""
 

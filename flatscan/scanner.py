@@ -27,7 +27,7 @@ from flatscan._engine import (
     tapped_offset,
 )
 from flatscan.contract import NormalisedHead
-from flatscan.errors import ScanError, ScanInterrupted
+from flatscan.errors import FlatscanError, NonFiniteValue, ScanError, ScanInterrupted
 from flatscan.registry import describe
 
 # Per-chunk working memory for the per-sample matrices (C x C and classes x C for kappa). A GPU gets more: each
@@ -91,7 +91,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        known = "use cpu, cuda, cuda:N, mps or auto"
+        raise FlatscanError(f"device {device!r} is not a device torch knows; {known}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise FlatscanError(f"device {device!r}: CUDA is not available on this machine; use cpu or auto")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise FlatscanError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise FlatscanError(f"device {device!r}: MPS is not available on this machine; use cpu or auto")
+    return resolved
 
 
 def _chunk_size(const: Constants, device: torch.device, trace_only: bool) -> int:
@@ -155,6 +166,28 @@ def _result(
         device=str(device),
         seconds=seconds,
     )
+
+
+def _check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model whose parameters or buffers hold NaN/Inf, naming the first such tensor."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise NonFiniteValue(
+                f"the model's {name} holds {count} NaN/Inf value(s) of {tensor.numel()}: the weights are corrupt; "
+                "load an intact checkpoint"
+            )
+
+
+def _check_finite(values: Tensor, what: str, n_seen: int) -> None:
+    """Refuse NaN/Inf in ``values`` (one row per sample), naming ``what`` and the first sample."""
+    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(1)
+    if bool(bad.any()):
+        first = n_seen + int(bad.nonzero()[0, 0])
+        raise NonFiniteValue(
+            f"the {what} of {int(bad.sum())} of {values.shape[0]} samples (the first: sample {first}) are NaN/Inf, "
+            "so no finite result exists; check the weights and the input images (or scan without --amp)"
+        )
 
 
 def _check_labels(labels: Tensor, classes: int) -> None:
@@ -253,6 +286,7 @@ def scan(
     compute_dtype = torch.promote_types(param_dtype, torch.float32)
     was_training = model.training
     model.to(dev).eval()
+    _check_finite_weights(model)
     const = scan_constants(model, head, dev, compute_dtype)
     names = ["trace", "classifier_flatness", "loss", "correct", "correct_top5"]
     names += [] if trace_only else ["relative_flatness"]
@@ -267,7 +301,10 @@ def scan(
                 tapped, logits, labels = _forward_batch(
                     recorder, model, head, (images, labels), dev, (param_dtype, compute_dtype), amp, n_seen == 0
                 )
+                _check_finite(logits, "logits", n_seen)
                 per_sample = _measure_batch(head, const, tapped, logits, labels, chunk, names)
+                for name, row in zip(names, per_sample, strict=True):
+                    _check_finite(row[:, None], name.replace("_", " "), n_seen)
                 for name, row in zip(names, per_sample, strict=True):
                     moments[name].add(row)
                 n_seen += labels.shape[0]

@@ -127,6 +127,8 @@ def org(
             + ", ".join(f"{n} {status}" for status, n in counts.items() if n)
             + f"; results in {store}. Rank them with: flatscan leaderboard {store}"
         )
+        if counts["failed"] == len(rows):
+            raise FlatscanError(f"every model of {name} failed (reasons above): nothing was measured")
 
     run_action(debug, action, name)
 

@@ -24,7 +24,7 @@ from flatscan.cli.options import (
     UntilSeOpt,
     with_data_options,
 )
-from flatscan.cli.render import emit, progress_callback, scan_progress
+from flatscan.cli.render import check_results_file, emit, progress_callback, scan_progress
 
 if TYPE_CHECKING:
     from flatscan.io.data import DataOptions
@@ -101,6 +101,10 @@ def model(
     torch.manual_seed(data.seed)
 
     def action() -> None:
+        # Checked before the model and data load: a wrong device or results file must not cost a download.
+        scan_device = resolve_device(device)
+        if results_file is not None:
+            check_results_file(results_file)
         run = prepare(
             load(name, checkpoint, arch, offline, random_init), AuditOptions(data, channels_last=channels_last)
         )
@@ -110,7 +114,7 @@ def model(
             f"{run.loaded.name} [{run.head.feature_layer}]", total=min(known) if known else None, kappa="-", rate=""
         )
         options = AuditOptions(
-            data, num_samples=num_samples, device=resolve_device(device), amp=amp, trace_only=trace_only,
+            data, num_samples=num_samples, device=scan_device, amp=amp, trace_only=trace_only,
             channels_last=channels_last,
         )  # fmt: skip
         partial: list[dict[str, Any]] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,23 @@ def print_record(record: dict[str, Any], title: str, out: Console) -> None:
     out.print(table)
 
 
+def json_text(record: dict[str, Any], indent: int | None = None) -> str:
+    """``record`` as strict JSON: a float that is not finite (the SE of one sample) becomes null, never ``NaN``."""
+    safe = {key: None if isinstance(v, float) and not math.isfinite(v) else v for key, v in record.items()}
+    return json.dumps(safe, indent=indent, allow_nan=False)
+
+
+def check_results_file(path: Path) -> None:
+    """Refuse a --results-file that cannot be written before anything is measured, so no result is lost."""
+    if path.suffix not in (".csv", ".json"):
+        raise FlatscanError(f"--results-file {path}: use a .json or .csv file name")
+    folder = path.parent
+    if not folder.is_dir():
+        raise FlatscanError(f"--results-file {path}: the folder {folder} does not exist; create it first")
+    if path.is_dir() or not os.access(path if path.exists() else folder, os.W_OK):
+        raise FlatscanError(f"--results-file {path}: not writable; choose a file in a folder you can write to")
+
+
 def write_results(path: Path, record: dict[str, Any]) -> None:
     """Append ``record`` to a .csv, or write it to a .json file."""
     if path.suffix == ".csv":
@@ -60,7 +78,7 @@ def write_results(path: Path, record: dict[str, Any]) -> None:
         frame = pd.DataFrame([record])
         frame.to_csv(path, mode="a", header=not path.exists() or path.stat().st_size == 0, index=False)
     elif path.suffix == ".json":
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        path.write_text(json_text(record, indent=2) + "\n")
     else:
         raise FlatscanError(f"--results-file {path}: use a .json or .csv file name")
 
@@ -69,7 +87,7 @@ def emit(record: dict[str, Any], title: str, as_json: bool, results_file: Path |
     """The result row as a table; with --json, stdout carries the JSON alone and the table goes to stderr."""
     print_record(record, title, errors if as_json else console)
     if as_json:
-        typer.echo(json.dumps(record))
+        typer.echo(json_text(record))
     if results_file is not None:
         write_results(results_file, record)
 

@@ -1,0 +1,104 @@
+"""Faults and bad input: a non-finite number is never a result, and the CLI's errors are one line, checked early."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from hessian_reference import randomise_norms
+from timm.models import save_for_hf
+from typer.testing import CliRunner
+
+import flatscan
+import flatscan.cli as cli
+from flatscan.io.data import DataOptions, open_eval_data
+
+runner = CliRunner()
+BASE = ["-j", "0", "--dataset", "digits", "--num-samples", "32", "-b", "16"]
+
+
+def tiny_resnet(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = timm.create_model("test_resnet", num_classes=10)
+    randomise_norms(model, torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An intact model and one whose feature layer holds a NaN, in Hub format, in one folder (a local org)."""
+    root = tmp_path_factory.mktemp("faults")
+    save_for_hf(tiny_resnet(), root / "intact", safe_serialization=True)
+    broken = tiny_resnet()
+    with torch.no_grad():
+        broken.layer4[0].conv2.weight[0, 0, 0, 0] = float("nan")
+    save_for_hf(broken, root / "orgs" / "nan-weights", safe_serialization=True)
+    return root
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(cli.app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_nan_weights_are_an_error_naming_the_tensor(models: Path) -> None:
+    model = flatscan.load_model(str(models / "orgs" / "nan-weights")).model
+    data = open_eval_data(model, DataOptions(dataset="digits", batch_size=16, workers=0))
+    with pytest.raises(flatscan.NonFiniteValue, match=r"layer4\.0\.conv2\.weight holds 1 NaN/Inf value"):
+        flatscan.scan(model, data.batches, device="cpu", max_samples=16)
+
+
+def test_nan_logits_are_an_error_naming_the_logits(models: Path) -> None:
+    # Finite weights whose forward is not: a negative BatchNorm variance makes sqrt(var + eps) NaN.
+    model = flatscan.load_model(str(models / "intact")).model
+    with torch.no_grad():
+        model.layer1[0].bn1.running_var[0] = -1.0
+    data = open_eval_data(model, DataOptions(dataset="digits", batch_size=16, workers=0))
+    with pytest.raises(flatscan.NonFiniteValue, match=r"the logits of 16 of 16 samples .* are NaN/Inf"):
+        flatscan.scan(model, data.batches, device="cpu", max_samples=16)
+
+
+def test_org_stores_non_finite_models_as_failed_and_exits_non_zero(models: Path, tmp_path: Path) -> None:
+    store = tmp_path / "audit.sqlite"
+    code, _, err = invoke("org", str(models / "orgs"), "--store", str(store), *BASE)
+    assert code != 0 and "every model" in err and "Traceback" not in err
+    with sqlite3.connect(store) as connection:
+        rows = connection.execute("SELECT status, reason FROM runs").fetchall()
+    assert len(rows) == 1 and rows[0][0] == "failed" and "NaN/Inf" in rows[0][1], rows
+
+
+def test_one_sample_json_is_strict(models: Path) -> None:
+    code, out, err = invoke("model", str(models / "intact"), "-j", "0", "--dataset", "digits", "--num-samples", "1",
+                            "--json")  # fmt: skip
+    assert code == 0, err
+    record = json.loads(out, parse_constant=lambda name: pytest.fail(f"bare {name} in the JSON"))
+    assert record["trace_se"] is None and record["n_samples"] == 1
+
+
+# Each case: CLI arguments (after `model <path>`), what the one-line error names. They fail before the model loads:
+# the model path does not exist, so an error about it would mean the check came too late.
+CASES = {
+    "unknown device": (["--device", "foo"], "not a device torch knows"),
+    "missing CUDA device": (["--device", "cuda:7"], "cuda"),
+    "results file in a missing folder": (["--results-file", "no/such/folder/r.csv"], "does not exist"),
+    "results file of another kind": (["--results-file", "r.txt"], "use a .json or .csv"),
+}
+if not torch.backends.mps.is_available():
+    CASES["MPS on a machine without it"] = (["--device", "mps"], "MPS is not available")
+if not torch.cuda.is_available():
+    CASES["CUDA on a machine without it"] = (["--device", "cuda"], "CUDA is not available")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_options_are_one_line_before_loading(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args, named = CASES[case]
+    code, out, err = invoke("model", str(tmp_path / "not-loaded"), *BASE, *args)
+    assert code != 0 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error:") and "Traceback" not in err, err
+    message = err.removeprefix(f"error: {tmp_path / 'not-loaded'}: ")  # the subject, then what is wrong
+    assert named in message and "not-loaded" not in message, err
