@@ -23,6 +23,10 @@ class ScanError(FlatscanError):
     """The evaluation data cannot be scanned (no samples, labels outside the model's classes)."""
 
 
+class EnvironmentFault(FlatscanError):
+    """The machine, network or disk failed, not the model: an audit does not record it as the model's verdict."""
+
+
 class NonFiniteValue(FlatscanError):
     """A weight, the logits or a measure holds NaN/Inf: never a result; the message names the tensor."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -264,10 +265,26 @@ def build_leaderboard(
     return Leaderboard(table, _correlations(table, list(dict.fromkeys(measures))), skipped, rank_by)
 
 
+def check_report_target(out_dir: Path, stem: str) -> None:
+    """Refuse a ``stem`` that is not a plain file name (it would write outside ``out_dir``) and an ``out_dir`` that
+    is a file or cannot be created or written, each in one line."""
+    if not stem or Path(stem).name != stem or stem in (".", ".."):
+        raise FlatscanError(f"--stem {stem!r}: give a plain file name (no folders); choose the folder with --out")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FlatscanError(f"--out {out_dir} is a file: give a folder for the reports")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        message = f"--out {out_dir}: cannot create it ({error.strerror}); choose a folder you can write to"
+        raise FlatscanError(message) from None
+    if not os.access(out_dir, os.W_OK):
+        raise FlatscanError(f"--out {out_dir}: not writable; choose a folder you can write to")
+
+
 def write_reports(board: Leaderboard, out_dir: Path = Path("reports"), stem: str = "leaderboard") -> list[Path]:
     """Write ``stem``.md, .csv and .html into ``out_dir``; return their paths."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_report_target(out_dir, stem)
     markdown, csv, page = (out_dir / f"{stem}{suffix}" for suffix in (".md", ".csv", ".html"))
     markdown.write_text(board.to_markdown() + "\n", encoding="utf-8")
     board.to_csv(csv)

@@ -46,7 +46,7 @@ import flatscan
 from flatscan.audit.options import AuditOptions
 from flatscan.audit.run import measure, prepare
 from flatscan.audit.store import ResultsStore, RunKey, preprocessing_key
-from flatscan.errors import FlatscanError, ScanInterrupted, UnsupportedModel
+from flatscan.errors import EnvironmentFault, FlatscanError, ScanInterrupted, UnsupportedModel
 from flatscan.io.data import DataOptions
 from flatscan.io.messages import first_line
 from flatscan.io.models import WEIGHT_FILES, is_offline, load_model
@@ -69,12 +69,16 @@ class OrgModel:
     revision: str | None  # commit sha of main: listed (online) or cached (offline); sha256:... of a local folder
 
 
+# Rows an audit does not write: done before (skipped), or a fault of the network or machine (retry, next run).
+UNSTORED = frozenset({"skipped", "retry"})
+
+
 @dataclass(frozen=True)
 class AuditRow:
     """The outcome for one model: ``record`` is the row written to the store (None when skipped)."""
 
     model: str  # hf-hub:org/name
-    status: str  # "ok" | "unsupported" | "failed" | "skipped"
+    status: str  # "ok" | "unsupported" | "failed" (stored); "skipped" (stored before), "retry" (not stored)
     reason: str | None
     record: dict[str, Any] | None
 
@@ -220,7 +224,7 @@ def audit_org(
     rows = []
     for i, listed in enumerate(models, 1):
         key, row = audit_model(listed, options, done=store.done, on_batch_factory=on_batch_factory)
-        if row.status != "skipped":
+        if row.status not in UNSTORED:
             store.put(key, row.record, row.status, row.reason)  # type: ignore[arg-type]  # a record unless skipped
         rows.append(row)
         if on_model is not None:
@@ -270,6 +274,8 @@ def audit_model(
         raise
     except UnsupportedModel as error:  # from describe, or the scanner's checks on the first batch
         status, reason = "unsupported", error.reason
+    except EnvironmentFault as error:  # the network's or machine's fault: reported, not stored, retried next run
+        return key, AuditRow(name, "retry", first_line(error), None)
     except Exception as error:  # one broken repo must not end the audit of the others
         status, reason = "failed", f"{type(error).__name__}: {first_line(error)}"
     if status != "ok" and not force and done(key):

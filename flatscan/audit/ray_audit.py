@@ -30,7 +30,15 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from flatscan.audit.options import DEFAULT_MEMORY_GB, DEFAULT_RETRIES, AuditOptions
-from flatscan.audit.org import AuditRow, OrgModel, audit_model, list_org_models, model_name, requested_key
+from flatscan.audit.org import (
+    UNSTORED,
+    AuditRow,
+    OrgModel,
+    audit_model,
+    list_org_models,
+    model_name,
+    requested_key,
+)
 from flatscan.audit.store import ResultsStore, RunKey
 from flatscan.errors import FlatscanError
 from flatscan.io.data import DataOptions
@@ -185,7 +193,7 @@ def _collect(
         for ref in ready:
             index = pending.pop(ref)
             key, row = _task_result(ray, ref, rows.models[index], options, store)
-            if row.status != "skipped":
+            if row.status not in UNSTORED:
                 store.put(key, row.record, row.status, row.reason)  # type: ignore[arg-type]  # a record unless skipped
             rows.finish(index, row)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import typer
@@ -33,6 +34,20 @@ def run_action(debug: bool, action: Callable[[], None], subject: str | None = No
             raise
         kind = "unsupported" if isinstance(error, UnsupportedModel) else "error"
         # Text, not markup: messages quote user input and module names that may contain brackets.
-        message = Text.assemble((f"{kind}:", "bold red"), f" {subject}: " if subject else " ", str(error))
+        where = f" {printable(subject)}: " if subject else " "
+        message = Text.assemble((f"{kind}:", "bold red"), where, printable(str(error)))
         errors.print(message, soft_wrap=True, highlight=False)
         raise typer.Exit(error.exit_code) from None
+    except KeyboardInterrupt:  # before the scan holds a partial result (loading, downloading)
+        if debug:
+            raise
+        errors.print(Text.assemble(("interrupted:", "bold red"), " nothing was measured"), highlight=False)
+        raise typer.Exit(130) from None
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (ANSI escapes in a model name, newlines) shown as escapes, not executed."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)

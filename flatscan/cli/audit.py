@@ -52,10 +52,11 @@ def leaderboard(
     """Rank audited models by a flatness measure against reported accuracy, with rank correlations."""
 
     def action() -> None:
-        from flatscan.audit.leaderboard import build_leaderboard, write_reports
+        from flatscan.audit.leaderboard import build_leaderboard, check_report_target, write_reports
         from flatscan.audit.reported import ReportedAccuracy
         from flatscan.audit.store import ResultsStore
 
+        check_report_target(out, stem)  # before reading the model cards: a bad --out must not cost their downloads
         if not store.exists():
             raise FlatscanError(f"no results store at {store}; run `flatscan org ORG` first or pass the store's path")
         with ResultsStore(store) as results:
@@ -118,7 +119,7 @@ def org(
         options = AuditOptions(
             data, num_samples=num_samples, device=device, amp=amp, trace_only=trace_only, offline=offline, force=force
         )
-        counts = {"ok": 0, "unsupported": 0, "failed": 0, "skipped": 0}
+        counts = {"ok": 0, "unsupported": 0, "failed": 0, "skipped": 0, "retry": 0}
         rows = _audit(name, store, options, counts, listing, ray_settings if on_ray else None)
         if not rows:
             raise FlatscanError(f"no image-classification models of {name} match; check the name and --filter")
@@ -127,7 +128,9 @@ def org(
             + ", ".join(f"{n} {status}" for status, n in counts.items() if n)
             + f"; results in {store}. Rank them with: flatscan leaderboard {store}"
         )
-        if counts["failed"] == len(rows):
+        if counts["retry"]:
+            errors.print(f"{counts['retry']} model(s) hit a network or machine fault, not stored: rerun to retry them")
+        if counts["failed"] + counts["retry"] == len(rows):
             raise FlatscanError(f"every model of {name} failed (reasons above): nothing was measured")
 
     run_action(debug, action, name)

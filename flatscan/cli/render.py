@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from flatscan.cli.app import console, errors
+from flatscan.cli.app import console, errors, printable
 from flatscan.errors import FlatscanError
 
 if TYPE_CHECKING:
@@ -122,9 +122,10 @@ def progress_callback(progress: Progress, task: Any, until_se: float | None) -> 
 
 
 def report_failure(row: AuditRow) -> None:
-    """One line on stderr for a model that was refused or failed."""
-    if row.status in ("unsupported", "failed"):
-        errors.print(Text(f"{row.status}: {row.model}: {row.reason}"), soft_wrap=True, highlight=False)
+    """One line on stderr for a model that was refused, failed, or is left to retry."""
+    if row.status in ("unsupported", "failed", "retry"):
+        line = printable(f"{row.status}: {row.model}: {row.reason}")
+        errors.print(Text(line), soft_wrap=True, highlight=False)
 
 
 def bar() -> Progress:

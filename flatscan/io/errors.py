@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flatscan.errors import FlatscanError
+from flatscan.errors import EnvironmentFault, FlatscanError
 
 
 class ModelLoadError(FlatscanError):
@@ -13,3 +13,7 @@ class ModelLoadError(FlatscanError):
 
 class OfflineCacheMiss(ModelLoadError):
     """Offline, and the files the model needs are not in the local cache."""
+
+
+class DownloadFailed(ModelLoadError, EnvironmentFault):
+    """The network failed while fetching the model's files (refused, reset, timed out, a server error): retryable."""

@@ -33,7 +33,7 @@ from timm.models import PretrainedCfg, get_pretrained_cfg, load_state_dict, spli
 from torch import nn
 
 from flatscan.inference import inference_form
-from flatscan.io.errors import ModelLoadError, OfflineCacheMiss
+from flatscan.io.errors import DownloadFailed, ModelLoadError, OfflineCacheMiss
 from flatscan.io.hf_transformers import PREPROCESSOR, build_transformers, transformers_architecture
 from flatscan.io.messages import few, first_line
 
@@ -230,6 +230,15 @@ def _pick_weights(arch: str) -> str:
     return f"pick one of {few(names, 6)}, or use --random-init" if names else "use --random-init"
 
 
+def _network_error(error: BaseException) -> bool:
+    """Whether ``error`` is the network's (a connection refused or reset mid-file, a timeout) rather than the repo's.
+
+    By module, not class: huggingface_hub's HTTP stack (httpx, httpx2, requests) changes between its versions.
+    """
+    module = type(error).__module__.split(".")[0]
+    return isinstance(error, (ConnectionError, TimeoutError)) or module in {"httpx", "httpx2", "httpcore", "requests"}
+
+
 def _fetch(repo_id: str, filenames: tuple[str, ...], revision: str | None, offline: bool) -> str:
     """Cache path of the first of ``filenames`` that the repo has, downloaded into the cache unless offline."""
     at = f"@{revision}" if revision else ""
@@ -242,7 +251,7 @@ def _fetch(repo_id: str, filenames: tuple[str, ...], revision: str | None, offli
         except LocalEntryNotFoundError as error:
             if offline:
                 continue  # not cached under this name, maybe under the next
-            raise ModelLoadError(
+            raise DownloadFailed(
                 f"cannot download {filename} of hf-hub:{repo_id}{at} from {hub_constants.ENDPOINT} "
                 f"({first_line(error.__cause__ or error)}) and it is not in the Hugging Face cache: check the "
                 "network, proxy or HF_ENDPOINT, or pass --offline to use a model already in the cache"
@@ -260,9 +269,18 @@ def _fetch(repo_id: str, filenames: tuple[str, ...], revision: str | None, offli
                 f"hf-hub:{repo_id} has no revision {revision!r}: check the branch, tag or commit"
             ) from None
         except HfHubHTTPError as error:
-            raise ModelLoadError(f"the Hub refused {filename} of hf-hub:{repo_id}{at}: {first_line(error)}") from None
+            status = error.response.status_code if error.response is not None else 0
+            kind = DownloadFailed if status >= 500 or status == 429 else ModelLoadError  # the server's fault: retry
+            raise kind(f"the Hub refused {filename} of hf-hub:{repo_id}{at}: {first_line(error)}") from None
         except HFValidationError:
             raise ModelLoadError(f"{repo_id!r} is not a valid Hub repo id: write it as owner/name") from None
+        except Exception as error:
+            if not _network_error(error):
+                raise
+            raise DownloadFailed(
+                f"downloading {filename} of hf-hub:{repo_id}{at} from {hub_constants.ENDPOINT} failed "
+                f"({type(error).__name__}: {first_line(error)}); rerun to retry, or check the network"
+            ) from None
     wanted = filenames[0] + "".join(f" (or {f})" for f in filenames[1:])
     if offline:
         revision_option = f" --revision {revision}" if revision else ""

@@ -327,3 +327,26 @@ def test_org_and_leaderboard_commands(hub: HubServer, tmp_path: Path) -> None:
     assert board.exit_code == 0, board.output
     assert {p.suffix for p in out.iterdir()} == {".md", ".csv", ".html"}
     assert "test-org/resnet" in (out / "leaderboard.md").read_text()
+
+
+def test_network_faults_are_not_stored_and_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zoo: dict[str, Path]
+) -> None:
+    # The listing and metadata answer, then every file download is refused (the CDN is down): the network's fault.
+    store_path = tmp_path / "audit.sqlite"
+    options = AuditOptions(OPTIONS, num_samples=32, device="cpu")
+    for cdn_up in (False, True):
+        with HubServer() as server:
+            server.patch(monkeypatch, tmp_path / f"hf-cache-{cdn_up}")
+            server.add_repo("test-org/resnet", zoo["resnet"])
+            if not cdn_up:
+                server._cdn.shutdown()
+                server._cdn.server_close()
+            with ResultsStore(store_path) as store:
+                (row,) = audit_org(ORG, store, options)
+                stored = store.frame()
+        if not cdn_up:
+            assert row.status == "retry" and "rerun to retry" in (row.reason or ""), row
+            assert stored.empty  # nothing recorded as the model's verdict
+        else:
+            assert row.status == "ok" and list(stored["status"]) == ["ok"]

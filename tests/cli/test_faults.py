@@ -102,3 +102,35 @@ def test_bad_options_are_one_line_before_loading(case: str, tmp_path: Path, monk
     assert err.count("\n") == 1 and err.startswith("error:") and "Traceback" not in err, err
     message = err.removeprefix(f"error: {tmp_path / 'not-loaded'}: ")  # the subject, then what is wrong
     assert named in message and "not-loaded" not in message, err
+
+
+# `flatscan leaderboard` report targets: checked first, whatever the store.
+REPORT_CASES = {
+    "stem with a folder": (["--stem", "../outside"], "plain file name"),
+    "out that is a file": (["--out", "a-file"], "is a file"),
+}
+
+
+@pytest.mark.parametrize("case", REPORT_CASES)
+def test_bad_report_targets_are_one_line(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    args, named = REPORT_CASES[case]
+    code, _, err = invoke("leaderboard", str(tmp_path / "missing.sqlite"), *args)
+    assert code != 0 and err.count("\n") == 1 and named in err and "Traceback" not in err, err
+    assert not (tmp_path.parent / "outside.md").exists()
+
+
+def test_ctrl_c_while_loading_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.models, "load", interrupted)
+    code, _, err = invoke("model", "resnet18", *BASE)
+    assert code == 130 and err.count("\n") == 1 and err.startswith("interrupted:"), err
+
+
+def test_control_characters_in_names_are_shown_escaped(tmp_path: Path) -> None:
+    code, _, err = invoke("model", str(tmp_path / "red\x1b[31mname"), *BASE)
+    assert code != 0 and err.count("\n") == 1
+    assert "\x1b" not in err and "\\x1b[31m" in err, repr(err)
