@@ -25,6 +25,7 @@ from huggingface_hub import ModelCard, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
 from flatscan.errors import FlatscanError
+from flatscan.io.messages import first_line
 
 TIMM_RESULTS_URL = "https://raw.githubusercontent.com/huggingface/pytorch-image-models/main/results/"
 VARIANTS = ("imagenet", "imagenet-real", "imagenetv2-matched-frequency")
@@ -187,7 +188,7 @@ class ReportedAccuracy:
                 frame = pd.read_csv(path, usecols=["model", "img_size", "top1", "top5"])
             except (ValueError, UnicodeDecodeError) as error:  # pandas' ParserError is a ValueError
                 raise FlatscanError(
-                    f"{path} is not a timm results CSV ({error}); delete it so that it is downloaded again"
+                    f"{path} is not a timm results CSV ({first_line(error)}); delete it so that it is downloaded again"
                 ) from None
             self._timm = {str(model): rows for model, rows in frame.groupby("model", sort=False)}
         return self._timm
@@ -204,7 +205,8 @@ class ReportedAccuracy:
                 content = response.read()
         except OSError as error:  # URLError, HTTPError and timeouts are all OSErrors
             raise FlatscanError(
-                f"cannot download {url} ({error}); check the network, or put {self.filename} into {self.results_dir}"
+                f"cannot download {url} ({first_line(error)}); check the network, "
+                f"or put {self.filename} into {self.results_dir}"
             ) from None
         try:
             columns = pd.read_csv(io.BytesIO(content), nrows=1).columns
@@ -225,7 +227,7 @@ class ReportedAccuracy:
             return None
         except OSError as error:
             raise FlatscanError(
-                f"cannot read the model card of {repo_id} ({error}); retry, or give --reported FILE.csv"
+                f"cannot read the model card of {repo_id} ({first_line(error)}); retry, or give --reported FILE.csv"
             ) from None
         return ModelCard.load(readme).data.eval_results
 
@@ -235,7 +237,8 @@ def _read_user_csv(path: Path) -> pd.DataFrame:
     try:
         frame = pd.read_csv(path)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise FlatscanError(f"cannot read --reported {path} ({error}); give a CSV with columns model, top1") from None
+        reason = first_line(error)
+        raise FlatscanError(f"cannot read --reported {path} ({reason}); give a CSV with columns model, top1") from None
     missing = {"model", "top1"} - set(frame.columns)
     if missing:
         raise FlatscanError(
@@ -246,7 +249,8 @@ def _read_user_csv(path: Path) -> pd.DataFrame:
     try:
         frame[["top1", "top5", "img_size"]] = frame[["top1", "top5", "img_size"]].apply(pd.to_numeric)
     except ValueError as error:
-        raise FlatscanError(f"--reported {path}: {error}; top1, top5 and img_size must be numbers") from None
+        reason = first_line(error)
+        raise FlatscanError(f"--reported {path}: {reason}; top1, top5 and img_size must be numbers") from None
     if frame["top1"].max() <= 1:  # the whole file in fractions
         frame[["top1", "top5"]] *= 100
     frame["key"] = [_canonical(str(model)) for model in frame["model"]]

@@ -100,6 +100,7 @@ class ResultsStore:
         try:
             # isolation_level=None: no implicit transactions; put() opens and commits its own.
             self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self._refuse_foreign()  # before anything is written: WAL mode alone changes the file
             self._conn.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed row also survives a power cut, not only a killed process.
             self._conn.execute("PRAGMA synchronous=FULL")
@@ -108,6 +109,20 @@ class ResultsStore:
             raise FlatscanError(
                 f"{self.path} is not a usable flatscan results store ({error}); pass another store file"
             ) from None
+
+    def _refuse_foreign(self) -> None:
+        """Refuse, untouched, an SQLite file with tables but no flatscan schema (another application's database)."""
+        tables = {row[0] for row in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        ours = (
+            "meta" in tables
+            and self._conn.execute("SELECT 1 FROM meta WHERE key = 'schema_version'").fetchone() is not None
+        )
+        if tables and not ours:
+            self._conn.close()
+            raise FlatscanError(
+                f"{self.path} is another application's SQLite database (tables: {', '.join(sorted(tables))}), not a "
+                "flatscan results store; it was left untouched: pass another store file"
+            )
 
     def _create_schema(self) -> None:
         with self._transaction():

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from flatscan.cli.app import app, console, errors, run_action
 from flatscan.cli.options import (
@@ -108,6 +109,8 @@ def model(
         run = prepare(
             load(name, checkpoint, arch, offline, random_init), AuditOptions(data, channels_last=channels_last)
         )
+        for note in run.data.notes:
+            errors.print(Text.assemble(("note:", "bold yellow"), f" {note}"), soft_wrap=True, highlight=False)
         known = [n for n in (num_samples, run.data.num_samples) if n is not None]
         progress = scan_progress(errors)
         task = progress.add_task(

@@ -112,6 +112,7 @@ class EvalData:
     num_samples: int | None  # None when the source does not say
     label_mapping: str  # "identity" | "synset" | "class-map:<file>"
     data_config: dict[str, Any]  # the timm data config used (input_size, interpolation, mean, std, crop_pct, ...)
+    notes: tuple[str, ...] = ()  # what the user should know about how the data was read (one line each)
 
 
 def default_dataset(model: nn.Module) -> str:
@@ -143,6 +144,14 @@ def open_eval_data(model: nn.Module, options: DataOptions) -> EvalData:
     )
     names, text_labels = _label_space(features, label_column, name)
     labels = _label_map(model, num_classes, names, text_labels, options.class_map, name)
+    notes = []
+    if names and all(label.isdigit() for label in names) and names != sorted(names, key=int):
+        # datasets (and torchvision) sort class folders as text: "10" comes before "2".
+        moved = next(i for i, (a, b) in enumerate(zip(names, sorted(names, key=int), strict=True)) if a != b)
+        notes.append(
+            f"the class folders of {name} are numbers sorted as text ({few(names, 4)}): folder {names[moved]!r} is "
+            f"class {moved}; pass --class-map FILE if the numbers are the class indices"
+        )
     dataset = dataset.select_columns([image_column, label_column])
     if features is not None and isinstance(features[image_column], datasets.Image):
         # Raw bytes / paths: this module decodes them itself, to name the file that fails.
@@ -168,6 +177,7 @@ def open_eval_data(model: nn.Module, options: DataOptions) -> EvalData:
         num_samples=num_samples,
         label_mapping=labels.kind,
         data_config=data_config,
+        notes=tuple(notes),
     )
 
 
@@ -263,11 +273,18 @@ def _load(label: str, options: DataOptions, step: Any) -> Any:
     try:
         return step()
     except ConnectionError as error:
+        folder = "" if Path(label).is_absolute() else f"there is no folder {Path(label).resolve()}, and "
         raise DataError(
-            f"cannot reach the Hugging Face Hub for {label} ({first_line(error)}) and it is not in the local cache: "
+            f"{folder}cannot reach the Hugging Face Hub for {label} ({first_line(error)}) and it is not in the local "
+            "cache: "
             f"check the network, or download it (hf download {label} --repo-type dataset --local-dir DIR) and pass DIR"
         ) from None
     except FileNotFoundError as error:
+        if not Path(label).is_absolute():  # a Hub id, or a relative folder that does not exist
+            raise DataError(
+                f"there is no folder {Path(label).resolve()}, and no dataset {label} on the Hub "
+                f"({first_line(error)}): check the path or the Hub id (gated or private: log in with `hf auth login`)"
+            ) from None
         raise DataError(
             f"cannot find dataset {label} ({first_line(error)}): check the path or Hub id; for a gated or private "
             "Hub dataset accept its terms on the Hub and log in with `hf auth login`"

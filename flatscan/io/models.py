@@ -345,7 +345,13 @@ def _build_from_config(
         )
     _timm_cfg(arch)
     # timm's own reader of the format: architecture, model_args and pretrained_cfg (preprocessing) from config.json.
-    model = timm.create_model(f"local-dir:{directory}", pretrained=False, num_classes=num_classes)
+    try:
+        model = timm.create_model(f"local-dir:{directory}", pretrained=False, num_classes=num_classes)
+    except (TypeError, ValueError, KeyError, AssertionError) as error:  # what a builder raises for arguments it rejects
+        raise ModelLoadError(
+            f"{where}: {arch} rejects the model_args of its config.json ({type(error).__name__}: "
+            f"{first_line(error)}): fix or remove them, or re-export the model with timm.models.save_for_hf"
+        ) from None
     if weights is not None:
         _load_weights(model, Path(weights), f"{where} ({arch})", resize_head=False)
     return model.eval(), arch

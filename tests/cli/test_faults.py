@@ -134,3 +134,42 @@ def test_control_characters_in_names_are_shown_escaped(tmp_path: Path) -> None:
     code, _, err = invoke("model", str(tmp_path / "red\x1b[31mname"), *BASE)
     assert code != 0 and err.count("\n") == 1
     assert "\x1b" not in err and "\\x1b[31m" in err, repr(err)
+
+
+def test_model_args_the_architecture_rejects_are_one_line(models: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "bad-args"
+    save_for_hf(tiny_resnet(), folder, safe_serialization=True)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_args"] = {"no_such_argument": 1}
+    (folder / "config.json").write_text(json.dumps(config))
+    code, _, err = invoke("model", str(folder), *BASE)
+    assert code == 2 and err.count("\n") == 1 and "rejects the model_args" in err and "no_such_argument" in err, err
+
+
+def test_another_applications_database_is_refused_untouched(tmp_path: Path) -> None:
+    foreign = tmp_path / "app.sqlite"
+    with sqlite3.connect(foreign) as connection:
+        connection.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, name TEXT)")
+        connection.execute("INSERT INTO runs (name) VALUES ('theirs')")
+    connection.close()
+    before = foreign.read_bytes()
+    code, _, err = invoke("org", str(tmp_path / "no-such-org"), "--store", str(foreign), *BASE)
+    assert code != 0 and err.count("\n") == 1 and "another application's SQLite database" in err, err
+    assert foreign.read_bytes() == before and not (tmp_path / "app.sqlite-wal").exists()
+
+
+def test_numeric_class_folders_sorted_as_text_get_a_note(models: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    for folder in ("1", "10", "2"):
+        (tmp_path / "images" / folder).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (24, 24), (40 * i, 90, 160)).save(tmp_path / "images" / folder / f"{i}.png")
+    code, _, err = invoke("model", str(models / "intact"), "-j", "0", "--dataset", str(tmp_path / "images"))
+    assert code == 0, err
+    assert "note:" in err and "sorted as text" in err and "folder '10' is class 1" in err, err
+
+
+def test_relative_dataset_path_that_does_not_exist_says_so(models: Path, tmp_path: Path) -> None:
+    code, _, err = invoke("model", str(models / "intact"), "-j", "0", "--dataset", "no-such/folder")
+    assert code != 0 and err.count("\n") == 1 and "there is no folder" in err, err
