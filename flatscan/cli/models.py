@@ -131,8 +131,8 @@ def model(
                     on_partial=partial.append,
                 )
         except ScanInterrupted:
-            for row in partial:
-                emit(row, "partial result (interrupted)", as_json, results_file)
+            for row in partial:  # marked: a file of results must not mistake it for a finished run
+                emit({**row, "partial": True}, "partial result (interrupted)", as_json, results_file)
             raise
         emit(record, f"flatscan: {run.data.name}", as_json, results_file)
 

@@ -160,7 +160,8 @@ def test_ctrl_c_prints_the_partial_result(tiny_dir: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(audit_run, "open_eval_data", interrupted_after_two_batches)
     code, out, err = invoke("model", str(tiny_dir), *BASE, "-b", "16", "--json")
     assert code == 130
-    assert json.loads(out)["n_samples"] == 32  # the finished batches are reported, not lost
+    partial = json.loads(out)
+    assert partial["n_samples"] == 32 and partial["partial"] is True  # the finished batches, marked as partial
     assert "interrupted after 32 samples" in err
 
 

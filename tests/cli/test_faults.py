@@ -173,3 +173,9 @@ def test_numeric_class_folders_sorted_as_text_get_a_note(models: Path, tmp_path:
 def test_relative_dataset_path_that_does_not_exist_says_so(models: Path, tmp_path: Path) -> None:
     code, _, err = invoke("model", str(models / "intact"), "-j", "0", "--dataset", "no-such/folder")
     assert code != 0 and err.count("\n") == 1 and "there is no folder" in err, err
+
+
+def test_zoo_train_into_a_file_is_one_line_before_training(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    code, _, err = invoke("zoo", "train", str(tmp_path / "a-file" / "zoo"), "--size", "1", "--epochs", "1")
+    assert code != 0 and err.count("\n") == 1 and "cannot create" in err and "Traceback" not in err, err
