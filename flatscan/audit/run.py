@@ -38,7 +38,7 @@ def prepare(loaded: LoadedModel, options: AuditOptions) -> PreparedRun:
     """Describe ``loaded`` (an unsupported model is refused before touching any data), then open its data."""
     head = describe(loaded.model)
     model = loaded.model.to(memory_format=torch.channels_last) if options.channels_last else loaded.model
-    return PreparedRun(loaded, head, model, open_eval_data(model, options.data))
+    return PreparedRun(loaded, head, model, open_eval_data(model, options.data, limit=options.num_samples))
 
 
 def measure(
@@ -81,7 +81,7 @@ def scan_with_retry(
     validate --retry, the batch is halved and the scan starts again. Returns the result with the data and options
     finally used."""
     while True:
-        data = data or open_eval_data(model, options)
+        data = data or open_eval_data(model, options, limit=scan_options.get("max_samples"))
         try:
             return scan(model, data.batches, **scan_options), data, options
         except torch.OutOfMemoryError:

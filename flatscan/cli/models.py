@@ -107,7 +107,8 @@ def model(
         if results_file is not None:
             check_results_file(results_file)
         run = prepare(
-            load(name, checkpoint, arch, offline, random_init), AuditOptions(data, channels_last=channels_last)
+            load(name, checkpoint, arch, offline, random_init),
+            AuditOptions(data, num_samples=num_samples, channels_last=channels_last),
         )
         for note in run.data.notes:
             errors.print(Text.assemble(("note:", "bold yellow"), f" {note}"), soft_wrap=True, highlight=False)

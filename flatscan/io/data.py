@@ -120,9 +120,12 @@ def default_dataset(model: nn.Module) -> str:
     return IMAGENET_DEFAULT if _num_classes(model) == 1000 else DIGITS
 
 
-def open_eval_data(model: nn.Module, options: DataOptions) -> EvalData:
+def open_eval_data(model: nn.Module, options: DataOptions, limit: int | None = None) -> EvalData:
     """Resolve ``options`` for ``model``: the source, split, columns and label mapping are checked here, before any
-    batch is read; the batches then stream in constant memory. Raises :class:`DataError`."""
+    batch is read; the batches then stream in constant memory. Raises :class:`DataError`.
+
+    ``limit``: only the split's first ``limit`` samples, in its own order, whatever the workers and batch size (the
+    seed, through the split, is what chooses them)."""
     if options.batch_size < 1 or options.workers < 0:
         raise DataError(
             f"batch_size must be >= 1 and workers >= 0 (got {options.batch_size}, {options.workers}): fix the option"
@@ -132,9 +135,9 @@ def open_eval_data(model: nn.Module, options: DataOptions) -> EvalData:
     source = options.dataset or default_dataset(model)
     if source == DIGITS:
         num_samples: int | None
-        dataset, name, split, num_samples = _digits(options)
+        dataset, name, split, num_samples = _digits(options, limit)
     else:
-        dataset, name, split, num_samples = _datasets_source(source, options)
+        dataset, name, split, num_samples = _datasets_source(source, options, limit)
     if num_samples == 0:
         raise DataError(f"{name} has no samples: pick another split with --split, or check the files")
     columns, features = _columns(dataset, name)
@@ -156,7 +159,10 @@ def open_eval_data(model: nn.Module, options: DataOptions) -> EvalData:
     if features is not None and isinstance(features[image_column], datasets.Image):
         # Raw bytes / paths: this module decodes them itself, to name the file that fails.
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    if dataset.num_shards < options.workers:
+    workers = options.workers
+    if limit is not None and options.streaming and source != DIGITS:
+        workers = min(workers, 1)  # in several DataLoader workers, take() would take the first samples of each
+    elif dataset.num_shards < workers:
         dataset = dataset.reshard()  # parquet: one shard per row group instead of per file
     stream = _Stream(
         dataset=dataset,
@@ -169,7 +175,7 @@ def open_eval_data(model: nn.Module, options: DataOptions) -> EvalData:
     )
     # In a DataLoader worker, a datasets IterableDataset iterates only its share of the shards (whole files or
     # row groups), so each sample comes once; a worker beyond the number of shards would have nothing to do.
-    loader = DataLoader(stream, batch_size=None, num_workers=min(options.workers, dataset.num_shards))
+    loader = DataLoader(stream, batch_size=None, num_workers=min(workers, dataset.num_shards))
     return EvalData(
         batches=_Batches(loader, name),
         name=name,
@@ -216,14 +222,14 @@ def _data_config(model: nn.Module, options: DataOptions) -> dict[str, Any]:
     return timm.data.resolve_model_data_config(model, args=overrides)
 
 
-def _digits(options: DataOptions) -> tuple[datasets.IterableDataset, str, str, int]:
+def _digits(options: DataOptions, limit: int | None) -> tuple[datasets.IterableDataset, str, str, int]:
     split = options.split or "all"
     if split not in _DIGITS_SPLITS:
         raise DataError(f"digits has no split {split!r}: use one of {', '.join(_DIGITS_SPLITS)}")
     digits = load_digits()
     order = np.random.default_rng(options.seed).permutation(len(digits.target))
     test = np.sort(order[: len(order) // 5])
-    keep = {"all": np.arange(len(order)), "test": test, "train": np.sort(order[len(order) // 5 :])}[split]
+    keep = {"all": np.arange(len(order)), "test": test, "train": np.sort(order[len(order) // 5 :])}[split][:limit]
     # Pixel values are 0..16: scaled to 8-bit grayscale; the model's transform makes them RGB and resizes them.
     images = [PIL.Image.fromarray(np.round(digits.images[i] * (255 / 16)).astype(np.uint8)) for i in keep]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
@@ -232,7 +238,9 @@ def _digits(options: DataOptions) -> tuple[datasets.IterableDataset, str, str, i
     return dataset, f"{DIGITS}:{split}", split, len(keep)
 
 
-def _datasets_source(source: str, options: DataOptions) -> tuple[datasets.IterableDataset, str, str, int | None]:
+def _datasets_source(
+    source: str, options: DataOptions, limit: int | None
+) -> tuple[datasets.IterableDataset, str, str, int | None]:
     """A Hub id, local directory or local .parquet/.arrow file as a datasets IterableDataset of one split."""
     path = Path(source).expanduser()
     if path.is_file():
@@ -257,9 +265,14 @@ def _datasets_source(source: str, options: DataOptions) -> tuple[datasets.Iterab
     split = _pick_split(options.split, list(splits), label)
     name = f"{label}:{split}" if options.config is None else f"{label}[{options.config}]:{split}"
     if options.streaming:
-        return splits[split], name, split, _split_size(builder, split)
+        size = _split_size(builder, split)
+        if limit is None:
+            return splits[split], name, split, size
+        return splits[split].take(limit), name, split, min(size or limit, limit)
     _load(label, options, builder.download_and_prepare)
     prepared = builder.as_dataset(split=split)
+    if limit is not None:
+        prepared = prepared.select(range(min(limit, len(prepared))))
     return (
         prepared.to_iterable_dataset(num_shards=max(1, min(options.workers, len(prepared)))),
         name,

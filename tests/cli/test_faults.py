@@ -179,3 +179,33 @@ def test_zoo_train_into_a_file_is_one_line_before_training(tmp_path: Path) -> No
     (tmp_path / "a-file").write_text("not a folder")
     code, _, err = invoke("zoo", "train", str(tmp_path / "a-file" / "zoo"), "--size", "1", "--epochs", "1")
     assert code != 0 and err.count("\n") == 1 and "cannot create" in err and "Traceback" not in err, err
+
+
+def test_num_samples_picks_the_same_images_whatever_the_workers_and_batch_size(models: Path, tmp_path: Path) -> None:
+    # A parquet file of 3 row groups (3 shards): workers interleave them, so "the first N to arrive" would differ.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    from io import BytesIO
+
+    from PIL import Image
+
+    def png(index: int) -> bytes:
+        buffer = BytesIO()
+        Image.fromarray((digits.images[index] * 15).astype("uint8")).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    rows = [{"image": {"bytes": png(i), "path": None}, "label": int(digits.target[i])} for i in range(60)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "digits.parquet", row_group_size=20)
+    records = []
+    for workers, batch in (("0", "16"), ("2", "7")):
+        code, out, err = invoke("model", str(models / "intact"), "--dataset", str(tmp_path / "digits.parquet"),
+                                "-j", workers, "-b", batch, "--num-samples", "30", "--json")  # fmt: skip
+        assert code == 0, err
+        records.append(json.loads(out))
+    assert records[0]["n_samples"] == records[1]["n_samples"] == 30
+    for key in ("trace", "relative_flatness", "loss", "accuracy"):
+        # The same 30 images; float32 convolutions round a little differently in batches of 7 and of 16.
+        assert records[1][key] == pytest.approx(records[0][key], rel=1e-5), key
