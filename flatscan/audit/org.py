@@ -223,7 +223,7 @@ def audit_org(
     )
     rows = []
     for i, listed in enumerate(models, 1):
-        key, row = audit_model(listed, options, done=store.done, on_batch_factory=on_batch_factory)
+        key, row = audit_model(listed, options, done=store.taken, on_batch_factory=on_batch_factory)
         if row.status not in UNSTORED:
             store.put(key, row.record, row.status, row.reason)  # type: ignore[arg-type]  # a record unless skipped
         rows.append(row)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
+import time
 import types
 import typing
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass, fields
@@ -92,11 +96,29 @@ def _sql_value(value: Any) -> Any:
     return value
 
 
+_CLAIM_SECONDS = 24 * 3600  # a claim from another machine older than this is stale
+
+
+def _claim_alive(host: str, pid: int, claimed_at: float) -> bool:
+    """Whether the run that made a claim may still be measuring: its process lives (on this machine), or the claim
+    is younger than a day (on another machine, where its process cannot be seen)."""
+    if host != socket.gethostname():
+        return time.time() - claimed_at < _CLAIM_SECONDS
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 class ResultsStore:
     """SQLite results store (WAL mode, one transaction per row): a kill mid-audit loses no committed row."""
 
     def __init__(self, path: str | Path = "flatscan-results.sqlite") -> None:
         self.path = Path(path)
+        self._owner = uuid.uuid4().hex  # this handle, in the claims table
         try:
             # isolation_level=None: no implicit transactions; put() opens and commits its own.
             self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -152,6 +174,13 @@ class ResultsStore:
                     extra TEXT
                 )"""
             )
+            # A run's claim on a model it is measuring (see taken()).
+            self._conn.execute(
+                """CREATE TABLE IF NOT EXISTS claims (
+                    run_key TEXT PRIMARY KEY, owner TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
+                    claimed_at REAL NOT NULL
+                )"""
+            )
             # Columns added since a file was created: additive changes need no schema version bump.
             present = {row[1] for row in self._conn.execute("PRAGMA table_info(runs)")}
             for name, sql_type in _RECORD_COLUMNS.items():
@@ -169,6 +198,27 @@ class ResultsStore:
             self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
+
+    def taken(self, key: RunKey) -> bool:
+        """Whether ``key`` has a row or another live run holds its claim; if neither, claim it for this handle.
+
+        Two audits on one store thus share the work instead of computing a model twice. A claim whose process is
+        gone (same machine) or older than a day (another machine) is stale and taken over; claims are released when
+        the row is written and when the store closes.
+        """
+        with self._transaction():
+            if self.done(key):
+                return True
+            held = self._conn.execute(
+                "SELECT owner, host, pid, claimed_at FROM claims WHERE run_key = ?", (key.canonical(),)
+            ).fetchone()
+            if held is not None and held[0] != self._owner and _claim_alive(*held[1:]):
+                return True
+            self._conn.execute(
+                "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)",
+                (key.canonical(), self._owner, socket.gethostname(), os.getpid(), time.time()),
+            )
+        return False
 
     def done(self, key: RunKey) -> bool:
         """Whether ``key`` has a row, whatever its status."""
@@ -206,6 +256,7 @@ class ResultsStore:
         placeholders = ", ".join("?" for _ in row)
         with self._transaction():
             self._conn.execute(f"INSERT OR REPLACE INTO runs ({columns}) VALUES ({placeholders})", list(row.values()))
+            self._conn.execute("DELETE FROM claims WHERE run_key = ?", (key.canonical(),))
 
     def frame(self) -> pd.DataFrame:
         """All rows in writing order: key, status, reason, record columns, and the extra keys as columns."""
@@ -220,6 +271,8 @@ class ResultsStore:
         return pd.concat([frame, extras.drop(columns=frame.columns.intersection(extras.columns))], axis=1)
 
     def close(self) -> None:
+        with self._transaction():
+            self._conn.execute("DELETE FROM claims WHERE owner = ?", (self._owner,))
         self._conn.close()
 
     def __enter__(self) -> ResultsStore:

@@ -255,3 +255,31 @@ def test_sigkill_mid_audit_loses_no_committed_row(tmp_path: Path) -> None:
     assert present[: len(committed)] == committed
     assert len(present) - len(committed) in (0, 1)
     assert present == list(range(len(present)))
+
+
+def test_two_runs_share_the_work_through_claims(tmp_path: Path) -> None:
+    path = tmp_path / "shared.sqlite"
+    first, second = ResultsStore(path), ResultsStore(path)  # two audits on one store
+    try:
+        measured, waiting = _key("m/measured"), _key("m/waiting")
+        assert not first.taken(measured) and not first.taken(waiting)  # claimed by the first run
+        assert first.taken(measured) is False  # its own claim does not stop it
+        assert second.taken(measured) and second.taken(waiting)  # the second run leaves them to the first
+        first.put(measured, {"trace": 1.0})
+        assert second.taken(measured)  # now done
+        first.close()  # the first run ends without measuring `waiting`: its claim goes with it
+        assert not second.taken(waiting)
+    finally:
+        second.close()
+
+
+def test_a_claim_of_a_dead_process_is_stale(tmp_path: Path) -> None:
+    path = tmp_path / "stale.sqlite"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with ResultsStore(path) as store:
+        key = _key("m/orphaned")
+        store.taken(key)
+        with sqlite3.connect(path) as connection:  # as if a killed run on this machine had claimed it
+            connection.execute("UPDATE claims SET owner = 'killed', pid = ?", (int(dead.stdout),))
+        connection.close()
+        assert not store.taken(key)  # taken over, not waited for
