@@ -23,6 +23,7 @@ from rich.text import Text
 from flatscan.audit.ranks import CORRELATION_COLUMNS, rank_correlation
 from flatscan.audit.reported import ReportedAccuracy
 from flatscan.errors import FlatscanError
+from flatscan.io.messages import printable
 
 # Other timm results of the same models: how much of the accuracy survives relabelling and a new test set.
 _PROXIES = {"top1_real": "imagenet-real", "top1_v2": "imagenetv2-matched-frequency"}
@@ -152,9 +153,16 @@ def _formatted(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _markdown(frame: pd.DataFrame) -> str:
-    # Markdown passes raw HTML through to the page, and a "|" or a line break would break the table's row.
-    cells = _formatted(frame).map(lambda text: html.escape(text, quote=False).replace("|", r"\|").replace("\n", " "))
-    return cells.to_markdown(index=False)
+    return _formatted(frame).map(_markdown_cell).to_markdown(index=False)
+
+
+def _markdown_cell(text: str) -> str:
+    """``text`` inert in a Markdown table: no raw HTML, link (``[x](javascript:...)``), code span, row break or
+    terminal control sequence survives."""
+    text = html.escape(printable(text), quote=False)
+    for special in "\\`[]|":
+        text = text.replace(special, "\\" + special)
+    return text
 
 
 def _html_table(frame: pd.DataFrame) -> str:

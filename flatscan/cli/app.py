@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import typer
@@ -10,6 +9,7 @@ from rich.console import Console
 from rich.text import Text
 
 from flatscan.errors import FlatscanError, UnsupportedModel
+from flatscan.io.messages import printable
 
 app = typer.Typer(
     help="Exact Hessian trace and relative flatness of CNN classifiers' feature layers.",
@@ -43,11 +43,3 @@ def run_action(debug: bool, action: Callable[[], None], subject: str | None = No
             raise
         errors.print(Text.assemble(("interrupted:", "bold red"), " nothing was measured"), highlight=False)
         raise typer.Exit(130) from None
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters (ANSI escapes in a model name, newlines) shown as escapes, not executed."""
-    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)

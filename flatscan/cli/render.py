@@ -15,8 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from flatscan.cli.app import console, errors, printable
+from flatscan.cli.app import console, errors
 from flatscan.errors import FlatscanError
+from flatscan.io.messages import printable
 
 if TYPE_CHECKING:
     from flatscan.audit.leaderboard import Leaderboard

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 
@@ -14,3 +15,11 @@ def first_line(error: BaseException) -> str:
 def few(items: Sequence[str], n: int) -> str:
     """The first ``n`` of ``items``, comma-separated, and how many more there are."""
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (ANSI escapes in a model name, newlines) shown as escapes, not executed."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)

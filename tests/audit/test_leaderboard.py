@@ -14,6 +14,7 @@ import pytest
 from rich.console import Console
 from scipy import stats
 
+from flatscan.audit import leaderboard as leaderboard_module
 from flatscan.audit import ranks as ranks_module
 from flatscan.audit.leaderboard import Leaderboard, build_leaderboard, write_reports
 from flatscan.audit.reported import ReportedAccuracy
@@ -210,3 +211,13 @@ def test_missing_proxy_files_warn(results: pd.DataFrame, tmp_path: Path) -> None
     assert table["reported_top1"].notna().sum() == 23
     assert table[["top1_real", "top1_v2"]].isna().all().all()
     assert any("results-imagenet-real.csv" in str(warning.message) for warning in caught)
+
+
+def test_markdown_cells_are_inert(board: Leaderboard) -> None:
+    link = "[click](javascript:alert(1))"
+    frame = pd.DataFrame({"model": [link, "red\x1b[31mname", "a|b `code`"]})
+    markdown = leaderboard_module._markdown(frame)
+    assert link not in markdown and r"\[click\](javascript:alert(1))" in markdown
+    assert "\x1b" not in markdown and "\\x1b[31m" not in markdown and r"red\\x1b\[31mname" in markdown
+    assert r"a\|b \`code\`" in markdown
+    assert MARKUP not in board.to_markdown() and r"\[red\]markup\[/red\]" in board.to_markdown()

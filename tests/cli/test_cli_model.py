@@ -146,8 +146,8 @@ def test_until_se_stops_early_and_results_file(tiny_dir: Path, tmp_path: Path) -
 def test_ctrl_c_prints_the_partial_result(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_open = audit_run.open_eval_data
 
-    def interrupted_after_two_batches(model: torch.nn.Module, options: DataOptions):
-        data = real_open(model, options)
+    def interrupted_after_two_batches(model: torch.nn.Module, options: DataOptions, limit: int | None = None):
+        data = real_open(model, options, limit)
 
         def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for i, batch in enumerate(data.batches):
