@@ -104,6 +104,7 @@ def scan_progress(out: Console) -> Progress:
         TimeElapsedColumn(),
         console=out,
         transient=True,
+        disable=not out.is_terminal,  # in a log or pipe a bar is noise, and its last frame would precede an error
     )
 
 
@@ -131,7 +132,12 @@ def report_failure(row: AuditRow) -> None:
 
 def bar() -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=errors
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=errors,
+        disable=not errors.is_terminal,
     )
 
 

@@ -209,3 +209,40 @@ def test_num_samples_picks_the_same_images_whatever_the_workers_and_batch_size(m
     for key in ("trace", "relative_flatness", "loss", "accuracy"):
         # The same 30 images; float32 convolutions round a little differently in batches of 7 and of 16.
         assert records[1][key] == pytest.approx(records[0][key], rel=1e-5), key
+
+
+# The one-line rule over the CLI as a whole: every command, bad input of each kind. {model} is an intact model
+# folder, {tmp} the test's folder (holding a-file, a plain file). Each: argv, a phrase the line must contain.
+WHOLE_CLI = {
+    "describe: unknown model": (["describe", "no_such_net"], "no_such_net"),
+    "verify: unknown model": (["verify", "no_such_net"], "no_such_net"),
+    "verify: not a checkpoint": (["verify", "--checkpoint", "{tmp}/a-file", "--arch", "resnet18"], "a-file"),
+    "model: missing folder": (["model", "{tmp}/nothing-here", *BASE], "nothing-here"),
+    "model: unknown device": (["model", "{model}", *BASE, "--device", "foo"], "not a device"),
+    "model: dataset path": (["model", "{model}", "-j", "0", "--dataset", "./no-such-folder"], "does not exist"),
+    "model: class map missing": (["model", "{model}", *BASE, "--class-map", "{tmp}/none.txt"], "none.txt"),
+    "model: results file": (["model", "{model}", *BASE, "--results-file", "{tmp}/no/r.csv"], "does not exist"),
+    "org: unknown device": (["org", "{tmp}", "--store", "{tmp}/s.sqlite", *BASE, "--device", "foo"], "not a device"),
+    "org: store that is a file of text": (["org", "{tmp}", "--store", "{tmp}/a-file", *BASE], "a-file"),
+    "org: empty folder": (["org", "{tmp}/empty", "--store", "{tmp}/s.sqlite", *BASE], "empty"),
+    "leaderboard: missing store": (["leaderboard", "{tmp}/none.sqlite", "--out", "{tmp}/r"], "no results store"),
+    "leaderboard: stem": (["leaderboard", "{tmp}/none.sqlite", "--stem", "../x"], "plain file name"),
+    "leaderboard: out is a file": (["leaderboard", "{tmp}/none.sqlite", "--out", "{tmp}/a-file"], "is a file"),
+    "zoo train: into a file": (["zoo", "train", "{tmp}/a-file/zoo", "--size", "1"], "cannot create"),
+    "zoo study: missing zoo": (["zoo", "study", "{tmp}/no-zoo", "--out", "{tmp}/study"], "no-zoo"),
+}
+
+
+@pytest.mark.parametrize("case", WHOLE_CLI)
+def test_every_command_fails_in_one_line(
+    case: str, models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a model, a store or a folder")
+    (tmp_path / "empty").mkdir()
+    argv, phrase = WHOLE_CLI[case]
+    argv = [arg.format(model=models / "intact", tmp=tmp_path) for arg in argv]
+    code, _, err = invoke(*argv)
+    assert code != 0, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(("error:", "unsupported:")) and phrase in err, err
