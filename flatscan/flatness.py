@@ -427,7 +427,8 @@ class CoupledTerms:
     Coefficients over positions (the 1/L of the means included): ``slope`` of gamma (N, C, L), ``stat`` of mu
     (N, k, C, L), ``mixed`` of chi (N, 2, C, L). Through the squeezed statistics: ``phi`` Phi_z (N, R, R),
     ``head_path`` B M_z (N, C, R), ``jac`` J (N, C, 2, R) and ``squeeze`` E as (R, C, k), None for the identity.
-    ``local`` (N, C) is the diagonal rest. The (C, C) matrices are formed only for a dense channel weight.
+    ``local`` (N, C) is the diagonal rest. Tr(H) forms no (C, C) matrix; kappa forms slope_gram and the (C, C) terms
+    of a moment that neither folds nor groups; ``block_traces`` (for checks) forms them all.
     """
 
     patches: Tensor
