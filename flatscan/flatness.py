@@ -478,6 +478,9 @@ class CoupledTerms:
 
         A squeeze whose columns each hold one entry (the identity, group averages) gathers instead of multiplying.
         """
+        if self.squeeze is None:  # R = C k, E_i selects the moment's columns: a view, no copy
+            picked = x[..., moment :: self.stat.shape[1]]
+            return picked.diagonal(dim1=1, dim2=2) if diagonal else picked
         columns = self._columns(moment, x)  # (R, C)
         if (columns != 0).sum(0).max() > 1:
             return (x * columns.T).sum(-1) if diagonal else x @ columns
@@ -491,7 +494,9 @@ class CoupledTerms:
         if self.squeeze is not None:
             return self.squeeze[..., moment].to(like)
         channels, moments = self.slope.shape[1], self.stat.shape[1]
-        return torch.eye(channels * moments, dtype=like.dtype, device=like.device)[:, moment::moments]
+        selection = torch.zeros(channels * moments, channels, dtype=like.dtype, device=like.device)
+        selection[moment::moments] = torch.eye(channels, dtype=like.dtype, device=like.device)
+        return selection
 
     def _coupling(self, diagonal: bool, weight: Tensor | None = None) -> Tensor:
         """sum_ii' Phi_uu o <mu, mu> + 2 sum_i (B M o <gamma, mu> + e (J_j E) o <chi_j, mu>): (N, C, C) or (N, C);
@@ -537,6 +542,8 @@ class CoupledTerms:
         in row s(c') and every used row the same number of columns (GroupNorm's averages): as
         sum_t sum_cs X_t[c, s] <a_tc, T_cs> with T_cs = sum_{c': s(c') = s} Qy_cc' w_c' mu_c', (N, C, S, L); no (C, C)
         matrix per sample. None when the per-term (C, C) route is cheaper."""
+        if self.squeeze is None:  # one statistic per channel: the (C, C) route is cheaper
+            return None
         columns = self._columns(moment, weight)
         rows = columns.abs().argmax(0)
         order = rows.argsort(stable=True)
