@@ -40,16 +40,20 @@ class Leaderboard:
     correlations: pd.DataFrame
     skipped: pd.DataFrame
     rank_by: str = "relative_flatness"
+    command: str | None = None  # the command that made it, shown at the top of the reports
 
     def to_markdown(self) -> str:
         return "\n\n".join(
             [
-                f"# flatscan leaderboard\n\n{html.escape(self._summary(), quote=False)}",
+                f"# flatscan leaderboard\n\n{self._made_with_markdown()}{html.escape(self._summary(), quote=False)}",
                 f"## Ranking\n\n{_markdown(self.table)}",
                 f"## Rank correlation with reported top-1\n\n{_markdown(self.correlations)}",
                 f"## Not ranked (unsupported or failed)\n\n{_markdown(self.skipped) if len(self.skipped) else 'None.'}",
             ]
         )
+
+    def _made_with_markdown(self) -> str:
+        return "" if self.command is None else f"Made with: {_markdown_cell(self.command)}\n\n"
 
     def to_csv(self, path: str | Path) -> None:
         """Ranked and unranked rows in one file (``status`` and ``reason`` tell them apart)."""
@@ -71,6 +75,7 @@ th, td {{ border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: right; }}
 </head>
 <body>
 <h1>flatscan leaderboard</h1>
+{"" if self.command is None else f"<p>Made with: <code>{html.escape(printable(self.command))}</code></p>"}
 <p>{html.escape(self._summary())}</p>
 <img alt="{html.escape(self.rank_by)} against reported top-1" src="data:image/png;base64,{self._scatter_png()}">
 <h2>Ranking</h2>

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -65,6 +66,10 @@ def leaderboard(
             # Refused and failed rows stay: they say which models could not be ranked, and why.
             frame = frame[(frame["dataset"] == dataset) | (frame["status"] != "ok")]
         board = build_leaderboard(frame, ReportedAccuracy(user_csv=reported, offline=offline), rank_by=rank_by)
+        options = {"--rank-by": rank_by, "--dataset": dataset, "--reported": reported, "--out": out, "--stem": stem}
+        words = ["flatscan", "leaderboard", str(store), *(["--offline"] if offline else [])]
+        words += [str(word) for option, value in options.items() if value is not None for word in (option, value)]
+        board = dataclasses.replace(board, command=shlex.join(words))
         console.print(board.rich_table())
         for path in write_reports(board, out, stem):
             console.print(f"wrote {path}")

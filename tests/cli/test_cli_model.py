@@ -207,5 +207,8 @@ def test_leaderboard_command_writes_reports(tiny_dir: Path, tmp_path: Path) -> N
     ranked = table[table["status"] == "ok"].sort_values("rank")
     assert list(ranked["relative_flatness"]) == sorted(ranked["relative_flatness"])
     assert set(ranked["reported_top1"]) == {71.5, 65.0}
+    command = f"flatscan leaderboard {store_path} --rank-by relative_flatness --reported {reported} --out {out_dir}"
+    assert f"Made with: {command} --stem leaderboard" in (out_dir / "leaderboard.md").read_text()
+    assert f"<code>{command} --stem leaderboard</code>" in (out_dir / "leaderboard.html").read_text()
     code, _, err = invoke("leaderboard", str(tmp_path / "missing.sqlite"))
     assert code != 0 and "flatscan org" in err
