@@ -170,8 +170,13 @@ def _result(
 
 def _check_finite_weights(model: nn.Module) -> None:
     """Refuse a model whose parameters or buffers hold NaN/Inf, naming the first such tensor."""
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    named = [(name, t) for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()]
+    if not named:
+        return
+    # One device-to-host copy for all tensors: a check per tensor would wait for a GPU hundreds of times.
+    finite = torch.stack([torch.isfinite(tensor).all() for _, tensor in named]).tolist()
+    for (name, tensor), ok in zip(named, finite, strict=True):
+        if not ok:
             count = int((~torch.isfinite(tensor)).sum())
             raise NonFiniteValue(
                 f"the model's {name} holds {count} NaN/Inf value(s) of {tensor.numel()}: the weights are corrupt; "
@@ -305,7 +310,6 @@ def scan(
                 per_sample = _measure_batch(head, const, tapped, logits, labels, chunk, names)
                 for name, row in zip(names, per_sample, strict=True):
                     _check_finite(row[:, None], name.replace("_", " "), n_seen)
-                for name, row in zip(names, per_sample, strict=True):
                     moments[name].add(row)
                 n_seen += labels.shape[0]
                 if on_batch is not None and on_batch(_result(model, head, moments, dev, time.perf_counter() - start)):
