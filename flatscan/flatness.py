@@ -482,10 +482,10 @@ class CoupledTerms:
             picked = x[..., moment :: self.stat.shape[1]]
             return picked.diagonal(dim1=1, dim2=2) if diagonal else picked
         columns = self._columns(moment, x)  # (R, C)
-        if (columns != 0).sum(0).max() > 1:
+        single = _single_entries(columns)
+        if single is None:
             return (x * columns.T).sum(-1) if diagonal else x @ columns
-        rows = columns.abs().argmax(0)
-        weights = columns.gather(0, rows[None])[0]
+        rows, weights = single
         picked = x.gather(2, rows.expand(x.shape[0], -1)[..., None])[..., 0] if diagonal else x[..., rows]
         return picked * weights
 
@@ -544,15 +544,16 @@ class CoupledTerms:
         matrix per sample. None when the per-term (C, C) route is cheaper."""
         if self.squeeze is None:  # one statistic per channel: the (C, C) route is cheaper
             return None
-        columns = self._columns(moment, weight)
-        rows = columns.abs().argmax(0)
+        single = _single_entries(self._columns(moment, weight))
+        if single is None:
+            return None
+        rows, entries = single
         order = rows.argsort(stable=True)
         statistics, members = rows.unique(return_counts=True)
         right = _patch_right(self.patches, self.stat[:, moment])  # mu_c' (N, C, L) in patch space
         n, channels, space = right.shape
-        if (columns != 0).sum(0).max() > 1 or bool((members != members[0]).any()) or len(statistics) * space > channels:
+        if bool((members != members[0]).any()) or len(statistics) * space > channels:
             return None
-        entries = columns.gather(0, rows[None])[0]
         grouped_weight = (weight.to(right) * entries)[:, order].view(channels, len(statistics), -1)
         grouped_right = right[:, order].view(n, len(statistics), -1, space).permute(1, 2, 0, 3).flatten(2)  # (S, m, NL)
         spread = (grouped_weight.transpose(0, 1) @ grouped_right).view(len(statistics), channels, n, space)
@@ -561,6 +562,15 @@ class CoupledTerms:
         projected = spread @ coefficients.transpose(2, 3)  # <a_tc, T_cs> (N, C, S, terms), one batched product
         factors = torch.stack([x[:, :, statistics] for x, _ in left], -1)  # X_t[c, s] (N, C, S, terms)
         return (factors * projected).sum((1, 2, 3), dtype=torch.float64)
+
+
+def _single_entries(columns: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(row, entry) of each column of ``columns`` (R, C) when every column holds one entry (group averages), else
+    None: then x @ columns is a gather."""
+    if (columns != 0).sum(0).max() > 1:
+        return None
+    rows = columns.abs().argmax(0)
+    return rows, columns.gather(0, rows[None])[0]
 
 
 def _patch_left(patches: Tensor, left: Tensor) -> Tensor:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from flatscan.audit.ranks import CORRELATION_COLUMNS, rank_correlation
 from flatscan.audit.reported import ReportedAccuracy
 from flatscan.errors import FlatscanError
 from flatscan.io.messages import printable
+from flatscan.io.paths import writable_folder
 
 # Other timm results of the same models: how much of the accuracy survives relabelling and a new test set.
 _PROXIES = {"top1_real": "imagenet-real", "top1_v2": "imagenetv2-matched-frequency"}
@@ -283,15 +283,7 @@ def check_report_target(out_dir: Path, stem: str) -> None:
     is a file or cannot be created or written, each in one line."""
     if not stem or Path(stem).name != stem or stem in (".", ".."):
         raise FlatscanError(f"--stem {stem!r}: give a plain file name (no folders); choose the folder with --out")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FlatscanError(f"--out {out_dir} is a file: give a folder for the reports")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        message = f"--out {out_dir}: cannot create it ({error.strerror}); choose a folder you can write to"
-        raise FlatscanError(message) from None
-    if not os.access(out_dir, os.W_OK):
-        raise FlatscanError(f"--out {out_dir}: not writable; choose a folder you can write to")
+    writable_folder(out_dir, f"--out {out_dir}")
 
 
 def write_reports(board: Leaderboard, out_dir: Path = Path("reports"), stem: str = "leaderboard") -> list[Path]:

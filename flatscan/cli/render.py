@@ -78,10 +78,8 @@ def write_results(path: Path, record: dict[str, Any]) -> None:
 
         frame = pd.DataFrame([record])
         frame.to_csv(path, mode="a", header=not path.exists() or path.stat().st_size == 0, index=False)
-    elif path.suffix == ".json":
+    else:  # .json: check_results_file refused any other suffix before the scan
         path.write_text(json_text(record, indent=2) + "\n")
-    else:
-        raise FlatscanError(f"--results-file {path}: use a .json or .csv file name")
 
 
 def emit(record: dict[str, Any], title: str, as_json: bool, results_file: Path | None) -> None:

@@ -3,7 +3,6 @@ generalisation) and ``flatscan demo`` (train, audit and rank a small zoo, offlin
 
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -15,7 +14,7 @@ from rich.text import Text
 from flatscan.cli.app import app, console, run_action
 from flatscan.cli.options import DatasetOpt, Debug, DeviceOpt, EpochsOpt, PresetOpt, ZooSizeOpt
 from flatscan.cli.render import bar, estimate, print_correlations, report_failure, training_progress
-from flatscan.errors import FlatscanError
+from flatscan.io.paths import writable_folder
 
 if TYPE_CHECKING:
     from flatscan.audit.org import AuditRow
@@ -54,12 +53,7 @@ def zoo_train(
             preset, spec, size=size, seed=seed, epochs=epochs, img_size=img_size, dataset=dataset,
             train_split=train_split, test_split=test_split, num_classes=num_classes, threads=threads,
         )  # fmt: skip
-        try:  # before training: minutes of work must not end on a folder that cannot be written
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise FlatscanError(f"cannot create {out} ({error.strerror}); choose a folder you can write to") from None
-        if not os.access(out, os.W_OK):
-            raise FlatscanError(f"{out} is not writable; choose a folder you can write to")
+        writable_folder(out, str(out))  # before training: minutes of work must not end on an unwritable folder
         progress = bar()
         with progress:
             on_model, on_step = training_progress(progress, progress.add_task("training the zoo", total=None))
