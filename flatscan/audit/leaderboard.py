@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,12 +11,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib import colormaps
-from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
 from rich.table import Table
 from rich.text import Text
 
+from flatscan.audit.page import leaderboard_page
 from flatscan.audit.ranks import CORRELATION_COLUMNS, rank_correlation
 from flatscan.audit.reported import ReportedAccuracy
 from flatscan.errors import FlatscanError
@@ -45,7 +41,7 @@ class Leaderboard:
     def to_markdown(self) -> str:
         return "\n\n".join(
             [
-                f"# flatscan leaderboard\n\n{self._made_with_markdown()}{html.escape(self._summary(), quote=False)}",
+                f"# flatscan leaderboard\n\n{self._made_with_markdown()}{html.escape(self.summary(), quote=False)}",
                 f"## Ranking\n\n{_markdown(self.table)}",
                 f"## Rank correlation with reported top-1\n\n{_markdown(self.correlations)}",
                 f"## Not ranked (unsupported or failed)\n\n{_markdown(self.skipped) if len(self.skipped) else 'None.'}",
@@ -60,37 +56,12 @@ class Leaderboard:
         pd.concat([self.table, self.skipped], ignore_index=True).to_csv(path, index=False)
 
     def to_html(self) -> str:
-        """A self-contained page; every value from the results (model names, families, reasons) is escaped."""
-        skipped = _html_table(self.skipped) if len(self.skipped) else "<p>None.</p>"
-        return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>flatscan leaderboard</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; }}
-table {{ border-collapse: collapse; font-size: 0.9em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: right; }}
-</style>
-</head>
-<body>
-<h1>flatscan leaderboard</h1>
-{"" if self.command is None else f"<p>Made with: <code>{html.escape(printable(self.command))}</code></p>"}
-<p>{html.escape(self._summary())}</p>
-<img alt="{html.escape(self.rank_by)} against reported top-1" src="data:image/png;base64,{self._scatter_png()}">
-<h2>Ranking</h2>
-{_html_table(self.table)}
-<h2>Rank correlation with reported top-1</h2>
-{_html_table(self.correlations)}
-<h2>Not ranked (unsupported or failed)</h2>
-{skipped}
-</body>
-</html>
-"""
+        """A self-contained interactive page (see ``flatscan.audit.page``); every value from the results is escaped."""
+        return leaderboard_page(self)
 
     def rich_table(self) -> Table:
         """The ranking for the terminal; cells are Text, so markup in a model name is shown, not interpreted."""
-        table = Table(title=Text(f"flatscan leaderboard: {self._summary()}"))
+        table = Table(title=Text(f"flatscan leaderboard: {self.summary()}"))
         columns = [c for c in self.table.columns if c not in _RICH_HIDDEN and not c.endswith("_se")]
         for column in columns:
             table.add_column(column, overflow="fold")
@@ -107,34 +78,11 @@ th, td {{ border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: right; }}
             return _format(row[column])
         return f"{_format(row[column])} ± {se:.2g}"
 
-    def _summary(self) -> str:
+    def summary(self) -> str:
         return (
             f"{len(self.table)} model(s) ranked by {self.rank_by} (ascending: smaller, i.e. flatter, first), "
             f"{len(self.skipped)} not ranked; evaluated on {', '.join(_settings(self.table)) or '-'}"
         )
-
-    def _scatter_png(self) -> str:
-        """Base64 PNG: the ranking measure against reported top-1, one colour per family."""
-        figure = Figure(figsize=(7, 4.5), layout="constrained")
-        axes = figure.subplots()
-        points = self.table.dropna(subset=[self.rank_by, "reported_top1"])
-        colours = colormaps["tab20"]
-        for i, (family, rows) in enumerate(points.groupby(points["family"].fillna("?"), sort=True)):
-            # Escape "$": mathtext would otherwise parse (and may fail on) a family name from the Hub.
-            label = str(family).replace("$", r"\$")
-            axes.scatter(rows[self.rank_by], rows["reported_top1"], color=colours(i % colours.N), label=label)
-        if len(points):
-            if (points[self.rank_by] > 0).all():
-                axes.set_xscale("log")  # flatness spans orders of magnitude across architectures
-                axes.xaxis.set_minor_formatter(NullFormatter())
-            axes.legend(title="family")
-        else:
-            axes.text(0.5, 0.5, "no model with both values", ha="center", va="center", transform=axes.transAxes)
-        axes.set_xlabel(self.rank_by)
-        axes.set_ylabel("reported top-1 (%)")
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=100)
-        return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _settings(frame: pd.DataFrame) -> list[str]:
@@ -168,12 +116,6 @@ def _markdown_cell(text: str) -> str:
     for special in "\\`[]|":
         text = text.replace(special, "\\" + special)
     return text
-
-
-def _html_table(frame: pd.DataFrame) -> str:
-    cells = _formatted(frame).map(html.escape)
-    cells.columns = [html.escape(str(column)) for column in cells.columns]
-    return cells.to_html(index=False, escape=False, border=0)
 
 
 def _correlations(table: pd.DataFrame, measures: Sequence[str]) -> pd.DataFrame:

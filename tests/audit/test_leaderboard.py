@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import base64
+import json
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,16 @@ import pandas as pd
 import pytest
 from rich.console import Console
 from scipy import stats
+from selenium import webdriver
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from flatscan.audit import leaderboard as leaderboard_module
 from flatscan.audit import ranks as ranks_module
 from flatscan.audit.leaderboard import Leaderboard, build_leaderboard, write_reports
+from flatscan.audit.page import with_error
 from flatscan.audit.reported import ReportedAccuracy
 from flatscan.audit.store import ResultsStore, RunKey
 from flatscan.errors import FlatscanError
@@ -153,13 +160,31 @@ def test_bootstrap_is_reproducible(results: pd.DataFrame, cache: Path, monkeypat
 
 def test_hostile_names_are_escaped_in_html(board: Leaderboard) -> None:
     page = board.to_html()
-    assert HOSTILE not in page and "<script" not in page
-    assert NASTY not in page
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "&quot;&amp;&lt;&gt;" in page  # the family, and the unsupported row's reason
+    assert HOSTILE not in page and NASTY not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # the table cells
+    assert "&#34;&amp;&lt;&gt;" in page  # the family, and the unsupported row's reason
     assert f"boom {HOSTILE}".replace("<", "&lt;").replace(">", "&gt;") in page
-    [image] = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert base64.b64decode(image).startswith(b"\x89PNG\r\n\x1a\n")
+    # The chart's data: JSON inside a script element, with "<" escaped so no name can close the element.
+    [spec] = re.findall(r'vegaEmbed\("#scatter", (\{.*?\}), \{ renderer', page)
+    assert "</" not in spec and json.loads(spec)["$schema"].startswith("https://vega.github.io/schema/vega-lite/")
+    # Only the page's own scripts: no script element from the data.
+    assert page.count("<script") == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "se", "shown"),
+    [
+        (1234.567, 12.3, "1235±12"),
+        (0.1715539, 0.0048932, "0.1716±0.0049"),
+        (5.3e7, 2.1e6, "(5.30±0.21)×10⁷"),  # noqa: RUF001
+        (12.3456, 0.5, "12.35±0.50"),
+        (0.5, 0.0, "0.5"),
+        (0.123456, np.nan, "0.1235"),
+        (np.nan, 0.1, ""),
+    ],
+)
+def test_value_with_error(value: float, se: float, shown: str) -> None:
+    assert with_error(value, se) == shown
 
 
 def test_not_ranked_section(board: Leaderboard) -> None:
@@ -221,3 +246,85 @@ def test_markdown_cells_are_inert(board: Leaderboard) -> None:
     assert "\x1b" not in markdown and "\\x1b[31m" not in markdown and r"red\\x1b\[31mname" in markdown
     assert r"a\|b \`code\`" in markdown
     assert MARKUP not in board.to_markdown() and r"\[red\]markup\[/red\]" in board.to_markdown()
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[webdriver.Chrome]:
+    """Headless Chromium (Debian's chromium and chromium-driver), 1400 x 1000 px."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        pytest.skip("no Chromium or chromedriver on PATH: apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(argument)
+    chrome = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    yield chrome
+    chrome.quit()
+
+
+def _shown(chrome: webdriver.Chrome, table: str) -> list[str]:
+    """The models of the rows of ``table`` the page shows, top to bottom."""
+    rows = chrome.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")
+    return [row.get_attribute("data-model") or "" for row in rows if row.is_displayed()]
+
+
+def _header(chrome: webdriver.Chrome, label: str) -> WebElement:
+    [button] = [b for b in chrome.find_elements(By.CSS_SELECTOR, "#ranking th button") if b.text.startswith(label)]
+    return button
+
+
+def test_page_in_a_browser(board: Leaderboard, chromium: webdriver.Chrome, tmp_path: Path) -> None:
+    """Load the page in Chromium: the table, sorting, the family and status filters, the chart's hover and click."""
+    page = tmp_path / "leaderboard.html"
+    page.write_text(board.to_html(), encoding="utf-8")
+    chromium.get(page.as_uri())  # an alert from a hostile name would fail every call below
+    points = WebDriverWait(chromium, 30).until(
+        lambda c: c.find_elements(By.CSS_SELECTOR, "#scatter svg .mark-symbol.role-mark path")
+    )
+    table = board.table
+    assert len(points) == table["reported_top1"].notna().sum() == 23
+    assert _shown(chromium, "ranking") == list(table["model"])  # ranked flatter first
+    assert chromium.find_element(By.ID, "shown-count").text == "27 of 27 models shown"
+    width = chromium.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+    assert width[0] <= width[1], f"the page overflows {width[1]} px: {width[0]} px wide"
+    rows = chromium.find_elements(By.CSS_SELECTOR, "#ranking tbody tr")
+    cells = [row.find_elements(By.TAG_NAME, "td") for row in rows]
+    first = table.iloc[0]
+    assert cells[0][3].text == with_error(first["relative_flatness"], first["relative_flatness_se"])
+    assert cells[int(np.flatnonzero(table["model"] == HOSTILE)[0])][1].text == HOSTILE  # shown literally, not run
+
+    # Sorting: twice on the measure (descending), then by reported top-1 (empty cells last).
+    _header(chromium, "relative flatness").click()
+    _header(chromium, "relative flatness").click()
+    assert _shown(chromium, "ranking") == list(table.sort_values("relative_flatness", ascending=False)["model"])
+    _header(chromium, "reported top-1").click()
+    by_top1 = table.sort_values("reported_top1", na_position="last", kind="stable")
+    assert _shown(chromium, "ranking")[:23] == list(by_top1["model"][:23])
+    assert set(_shown(chromium, "ranking")[23:]) == {HOSTILE, MARKUP}
+
+    # Filters: a family, then a status (the family filter reset), each also applied to the unranked table.
+    Select(chromium.find_element(By.ID, "family-filter")).select_by_value("convnext")
+    shown = _shown(chromium, "ranking")
+    assert sorted(shown) == sorted(table.loc[table["family"] == "convnext", "model"]) and len(shown) == 9
+    assert _shown(chromium, "skipped") == []
+    Select(chromium.find_element(By.ID, "family-filter")).select_by_value("")
+    Select(chromium.find_element(By.ID, "status-filter")).select_by_value("unsupported")
+    assert _shown(chromium, "ranking") == [] and _shown(chromium, "skipped") == ["seresnet50.a1_in1k"]
+    Select(chromium.find_element(By.ID, "status-filter")).select_by_value("")
+
+    # The chart: hovering a point names its model, clicking it shows only that model, "show all" undoes it.
+    point = chromium.find_elements(By.CSS_SELECTOR, "#scatter svg .mark-symbol.role-mark path")[0]
+    ActionChains(chromium).move_to_element(point).perform()
+    tooltip = WebDriverWait(chromium, 10).until(lambda c: c.find_element(By.ID, "vg-tooltip-element").text)
+    [model] = [m for m in table["model"] if m in tooltip.split("\n")[0]]
+    ActionChains(chromium).move_to_element(point).click().perform()
+    assert _shown(chromium, "ranking") == [model]
+    assert chromium.find_element(By.ID, "picked-model").text == model
+    screenshot = tmp_path / "leaderboard.png"
+    assert chromium.save_screenshot(str(screenshot)) and screenshot.read_bytes().startswith(b"\x89PNG")
+    print(f"screenshot: {screenshot}")
+    chromium.find_element(By.ID, "show-all").click()
+    assert len(_shown(chromium, "ranking")) == 25
