@@ -135,7 +135,7 @@ def _scatter_spec(table: pd.DataFrame, measure: str) -> dict[str, Any] | None:
     )
     label = LABELS.get(measure, measure)
     x_scale = alt.Scale(type="log" if log else "linear", zero=False)
-    y = alt.Y("top1:Q", title="reported top-1 (%)", scale=alt.Scale(zero=False))
+    y = alt.Y("top1:Q", title="reported top-1 (%)", scale=alt.Scale(zero=False, padding=8))
     color = alt.Color("family:N", title="family")
     base = alt.Chart(data)
     bars = base.mark_rule(opacity=0.6).encode(
