@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, cast
 
@@ -135,6 +135,7 @@ class Constants:
     classifier_weight: Tensor
     channel_scale: Tensor
     kernel_gram: Tensor
+    split_precision: bool = False  # kappa's contraction through flatness.split_matmul (float32, checked by the scan)
 
 
 def channel_index(head: NormalisedHead, device: torch.device) -> slice | Tensor:
@@ -359,6 +360,7 @@ def sample_terms(
         )
     if head.head_fn is None:
         derivatives = flatness.linear_head_derivatives(logits, labels, const.classifier_weight)
+        derivatives = replace(derivatives, split_precision=const.split_precision)
     else:
         derivatives = flatness.head_derivatives(head.head_fn, tapped["pooled"].flatten(1), labels)
     derivatives = derivatives.select(channel_index(head, pre_activation.device))

@@ -12,15 +12,17 @@ pre-activation, ``h = mean_p sigma(v)`` the pooled vector, ``loss = CE(head(h), 
     kappa   = sum_{c,c'} (K K^T)_cc' B_cc' <g_c, g_c'> + sum_c ||K_c||^2 e_c curv_c
     kappa_W = ||x||^2 (sum_j p_j ||w_j||^2 - ||W^T p||^2)        classifier layer W acting on x
 
-GEMMs run in the inputs' dtype (float32 is fine, TF32 on GPU); every reduction to a per-sample
-number is accumulated in float64.
+GEMMs run in the inputs' dtype (float32, or float64 end to end); every reduction to a per-sample number is
+accumulated in float64. On CUDA the largest product, the contraction with the head's factor (classes x C^2 per
+sample), may run as three TF32 tensor-core products (:func:`split_matmul`) with float32 accuracy.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import cast
 
@@ -238,6 +240,7 @@ class HeadDerivatives:
     hessian: Tensor | None = None
     probs: Tensor | None = None
     weight: Tensor | None = None
+    split_precision: bool = False  # the factor's products through split_matmul (float32 inputs)
 
     def diagonal(self) -> Tensor:
         """B_cc, shape (N, C); for a linear head sum_k p_k (W_kc - (W^T p)_c)^2 in float64."""
@@ -256,7 +259,9 @@ class HeadDerivatives:
             return (q * self.hessian).sum((1, 2), dtype=torch.float64)
         assert self.probs is not None and self.weight is not None
         factor = self._factor(q.dtype)
-        return ((factor @ q) * factor).sum((1, 2), dtype=torch.float64)
+        product = split_matmul(factor, q) if self.split_precision else factor @ q
+        # V_k^T q V_k in q's dtype (a dot of length C, as the product's own), the sum over classes in float64
+        return product.mul_(factor).sum(-1).sum(-1, dtype=torch.float64)
 
     def _factor(self, dtype: torch.dtype) -> Tensor:
         """V with B = V^T V, V_k = sqrt(p_k) (w_k - W^T p): (N, classes, C) in ``dtype`` (linear head)."""
@@ -268,7 +273,7 @@ class HeadDerivatives:
         assert self.probs is not None and self.weight is not None
         dtype = self.weight.dtype
         mean_row = (self.probs @ self.weight.double()).to(dtype)  # W^T p
-        return self.probs.sqrt().to(dtype).unsqueeze(-1) * (self.weight - mean_row.unsqueeze(1))
+        return (self.weight - mean_row.unsqueeze(1)).mul_(self.probs.sqrt().to(dtype).unsqueeze(-1))
 
     def factor(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Rows V_j and signs w_j with B = sum_j w_j V_j^T V_j: (N, J, C) and (N, J).
@@ -287,9 +292,9 @@ class HeadDerivatives:
         """The derivatives of one sample, as a batch of one."""
         part = slice(sample, sample + 1)
         if self.hessian is not None:
-            return HeadDerivatives(self.grad[part], hessian=self.hessian[part])
+            return replace(self, grad=self.grad[part], hessian=self.hessian[part])
         assert self.probs is not None
-        return HeadDerivatives(self.grad[part], probs=self.probs[part], weight=self.weight)
+        return replace(self, grad=self.grad[part], probs=self.probs[part])
 
     def apply_and_sandwich(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B x, x^T B x) per sample for ``x`` (N, C, A); a linear head goes through V x (classes x C x A), never
@@ -316,11 +321,51 @@ class HeadDerivatives:
             if isinstance(channels, Tensor):
                 channels = channels.to(self.hessian.device)
             # Two steps: one [:, idx, idx] with index tensors would pair the indices (a diagonal), not cross them.
-            return HeadDerivatives(self.grad[:, channels], hessian=self.hessian[:, channels][:, :, channels])
+            return replace(self, grad=self.grad[:, channels], hessian=self.hessian[:, channels][:, :, channels])
         assert self.weight is not None
         if isinstance(channels, Tensor):
             channels = channels.to(self.weight.device)
-        return HeadDerivatives(self.grad[:, channels], probs=self.probs, weight=self.weight[:, channels])
+        return replace(self, grad=self.grad[:, channels], weight=self.weight[:, channels])
+
+
+def round_to_tf32(x: Tensor) -> Tensor:
+    """Float32 ``x`` rounded to the nearest TF32 value (10 explicit mantissa bits; ties away from zero)."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32)
+
+
+def split_tf32(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(hi, lo), both TF32 values, with x = hi + lo + r and |r| <= 2^-22 |x|."""
+    hi = round_to_tf32(x)
+    return hi, round_to_tf32(x - hi)
+
+
+@contextmanager
+def _tf32_matmuls(device: torch.device) -> Iterator[None]:
+    """CUDA float32 matmuls on TF32 tensor cores inside the block; a no-op elsewhere."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+def split_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for float32 ``a``, ``b`` as three TF32 products, hi hi + (hi lo + lo hi), accumulated in float32.
+
+    The pieces are exact TF32 values, so a tensor core multiplies them exactly; what is dropped (lo lo and the
+    residuals r) is below 2^-21 of each product term: float32 accuracy at tensor-core speed on CUDA. Elsewhere the
+    same products run as float32 matmuls (exact products of 11-bit significands): an emulation, for tests.
+    """
+    a_hi, a_lo = split_tf32(a)
+    b_hi, b_lo = split_tf32(b)
+    with _tf32_matmuls(a.device):
+        return a_hi @ b_hi + (a_hi @ b_lo + a_lo @ b_hi)
 
 
 # Below this 1 - max_k p_k, sum_k p_k W_kc^2 - (W^T p)_c^2 would lose more than ~1e-10 to cancellation.

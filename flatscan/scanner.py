@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, cast
 
 import torch
@@ -33,6 +34,9 @@ from flatscan.registry import describe
 # Per-chunk working memory for the per-sample matrices (C x C and classes x C for kappa). A GPU gets more: each
 # chunk is a few dozen kernel launches, and small chunks leave it waiting on them.
 _CHUNK_BYTES = {"cpu": 256 * 2**20, "cuda": 2 * 2**30}
+# The split-precision contraction is kept for a scan only if its kappa agrees with the float32 one this closely
+# on the scan's first samples (relative to the largest kappa there).
+SPLIT_PRECISION_RTOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -243,6 +247,31 @@ def _forward_batch(
     return tapped, logits, labels
 
 
+def _check_split_precision(
+    head: NormalisedHead, const: Constants, tapped: dict[str, Tensor], logits: Tensor, labels: Tensor, chunk: int
+) -> Constants:
+    """``const``, or ``const`` without split precision (with a warning) if the first chunk's kappa through it differs
+    from the float32 product's by more than ``SPLIT_PRECISION_RTOL`` of the largest."""
+    part = slice(0, chunk)
+    parts = {key: value[part] for key, value in tapped.items()}
+    split, plain = (
+        sample_terms(head, replace(const, split_precision=flag), parts, logits[part], labels[part]).relative_flatness(
+            const.kernel_gram, const.channel_scale
+        )
+        for flag in (True, False)
+    )
+    scale = plain.abs().max()
+    deviation = float((split - plain).abs().max() / scale) if scale > 0 else float((split - plain).abs().max())
+    if deviation <= SPLIT_PRECISION_RTOL:
+        return const
+    warnings.warn(
+        f"the split-precision (3xTF32) contraction differs from float32 by {deviation:.1e} relative "
+        f"(> {SPLIT_PRECISION_RTOL:g}) on this model's first samples; computing kappa in float32",
+        stacklevel=3,
+    )
+    return replace(const, split_precision=False)
+
+
 def _measure_batch(
     head: NormalisedHead,
     const: Constants,
@@ -272,6 +301,7 @@ def scan(
     trace_only: bool = False,
     amp: bool = False,
     on_batch: Callable[[ScanResult], bool | None] | None = None,
+    split_precision: bool | None = None,
 ) -> ScanResult:
     """Exact Tr(H), relative flatness and classifier flatness of ``model``'s feature layer over ``batches``.
 
@@ -280,8 +310,11 @@ def scan(
     dtype is kept (float64 models are measured in float64 end to end). ``amp`` runs the model's forward
     under autocast (bfloat16 on CPU, float16 on CUDA); the measure's own math stays in float32 or
     float64. ``on_batch`` is called with the running result after every batch; returning True stops
-    the stream there. Raises :class:`UnsupportedModel` with the reason for a model outside the supported
-    class, and :class:`ScanInterrupted` holding the partial result on Ctrl-C.
+    the stream there. ``split_precision`` runs kappa's largest product (classes x C^2 per sample) as three TF32
+    tensor-core products with float32 accuracy (:func:`flatscan.flatness.split_matmul`); default: on CUDA for a
+    float32 model, kept only if it agrees with the float32 product to ``SPLIT_PRECISION_RTOL`` on the first chunk
+    (True forces it anywhere, e.g. as a CPU emulation for tests). Raises :class:`UnsupportedModel` with the reason
+    for a model outside the supported class, and :class:`ScanInterrupted` holding the partial result on Ctrl-C.
     """
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be positive, got {max_samples}")
@@ -293,6 +326,11 @@ def scan(
     model.to(dev).eval()
     _check_finite_weights(model)
     const = scan_constants(model, head, dev, compute_dtype)
+    if split_precision is None:
+        split_precision = dev.type == "cuda" and compute_dtype == torch.float32
+    if split_precision and compute_dtype != torch.float32:
+        raise ValueError(f"split_precision needs a float32 model; this one computes in {compute_dtype}")
+    const = replace(const, split_precision=split_precision and not trace_only)
     names = ["trace", "classifier_flatness", "loss", "correct", "correct_top5"]
     names += [] if trace_only else ["relative_flatness"]
     moments = {name: _Moments() for name in names}
@@ -307,6 +345,8 @@ def scan(
                     recorder, model, head, (images, labels), dev, (param_dtype, compute_dtype), amp, n_seen == 0
                 )
                 _check_finite(logits, "logits", n_seen)
+                if n_seen == 0 and const.split_precision:
+                    const = _check_split_precision(head, const, tapped, logits, labels, chunk)
                 per_sample = _measure_batch(head, const, tapped, logits, labels, chunk, names)
                 for name, row in zip(names, per_sample, strict=True):
                     _check_finite(row[:, None], name.replace("_", " "), n_seen)
