@@ -322,8 +322,8 @@ class Terms:
 
     def relative_flatness(self, kernel_gram: Tensor, channel_scale: Tensor) -> Tensor:
         """kappa per sample, float64; ``kernel_gram`` is K K^T (within-group pairs)."""
-        grad_gram = flatness.gradient_gram(self.slopes, self.patches, channel_scale)
-        return flatness.relative_flatness(kernel_gram, grad_gram, self.curv, self.derivatives)
+        weighted_gram = flatness.gradient_gram(self.slopes, self.patches, channel_scale, weight=kernel_gram)
+        return flatness.relative_flatness(kernel_gram, weighted_gram, self.curv, self.derivatives)
 
     def block_traces(self, channel_scale: Tensor) -> Tensor:
         """Tr(H_cc') per sample, (N, C, C), float64."""

@@ -209,14 +209,17 @@ def gradient_sqnorms(slopes: Tensor, patches: Tensor, channel_scale: Tensor) -> 
     return ((factor @ gram) * factor).sum(-1)
 
 
-def gradient_gram(slopes: Tensor, patches: Tensor, channel_scale: Tensor) -> Tensor:
-    """<g_c, g_c'>, shape (N, C, C); through P^T P (L x L) when L < D, never forming g."""
+def gradient_gram(slopes: Tensor, patches: Tensor, channel_scale: Tensor, weight: Tensor | None = None) -> Tensor:
+    """<g_c, g_c'>, shape (N, C, C), times ``weight`` (C, C) element-wise when given (in place: one (N, C, C)
+    tensor); through P^T P (L x L) when L < D, never forming g."""
     gram = _patch_gram(patches)
     if gram is None:
         g = feature_gradients(slopes, patches, channel_scale)
-        return g @ g.transpose(1, 2)
-    factor = _scaled_slopes(slopes, channel_scale, 1)[:, 0]
-    return (factor @ gram) @ factor.transpose(1, 2)
+        out = g @ g.transpose(1, 2)
+    else:
+        factor = _scaled_slopes(slopes, channel_scale, 1)[:, 0]
+        out = (factor @ gram) @ factor.transpose(1, 2)
+    return out if weight is None else out.mul_(weight)
 
 
 def curvature(curvatures: Tensor, patches: Tensor, channel_scale: Tensor) -> Tensor:
@@ -419,12 +422,13 @@ def block_traces(grad_gram: Tensor, curv: Tensor, head: HeadDerivatives) -> Tens
     return head.matrix() * grad_gram.double() + torch.diag_embed(head.grad.double() * curv.double())
 
 
-def relative_flatness(kernel_gram: Tensor, grad_gram: Tensor, curv: Tensor, head: HeadDerivatives) -> Tensor:
+def relative_flatness(kernel_gram: Tensor, weighted_gram: Tensor, curv: Tensor, head: HeadDerivatives) -> Tensor:
     """kappa = sum_{c,c'} (K K^T)_cc' B_cc' <g_c, g_c'> + sum_c ||K_c||^2 e_c curv_c, per sample, float64.
 
-    ``kernel_gram`` is K K^T (C, C); ``grad_gram`` is <g_c, g_c'> (N, C, C).
+    ``kernel_gram`` is K K^T (C, C); ``weighted_gram`` is (K K^T)_cc' <g_c, g_c'> (N, C, C), from
+    :func:`gradient_gram` with ``weight=kernel_gram``.
     """
-    cross = head.contract(kernel_gram * grad_gram)
+    cross = head.contract(weighted_gram)
     return cross + (kernel_gram.diagonal() * head.grad * curv).sum(1, dtype=torch.float64)
 
 
