@@ -69,12 +69,13 @@ def leaderboard_page(board: Leaderboard) -> str:
     ]
     rows = [_row(record, measures, extra) for record in table.to_dict("records")]
     statuses = (["ok"] if len(table) else []) + sorted(set(board.skipped.get("status", [])) - {"ok"})
+    spec = _scatter_spec(table, board.rank_by)
     return _TEMPLATES.get_template("leaderboard.html.j2").render(
         command=None if board.command is None else printable(board.command),
         summary=board.summary(),
         measure_label=LABELS.get(board.rank_by, board.rank_by),
-        spec=_scatter_spec(table, board.rank_by),
-        vega_bundle=_vega_bundle(),
+        spec=spec,
+        vega_bundle=_vega_bundle() if spec else "",
         families=sorted({row["family"] for row in rows} - {""}),
         statuses=statuses,
         columns=columns,
