@@ -1,27 +1,33 @@
 """flatscan's exact Tr(H) and relative flatness against curvlinops' stochastic trace estimators on the same operator.
 
 H is the Hessian of the mean cross-entropy over N images w.r.t. the feature layer's kernel K (only K varies), and
-kappa = Tr((S (x) I) H (S (x) I)), S = (K K^T)^{1/2} acting on the filter axis: sum_{c,c'} <K_c, K_c'> Tr(H_cc').
-Hutchinson, Hutch++ and XTrace (curvlinops) run on these operators. For each target relative error (vs flatscan's
-exact value) the table gives the median over seeds of the matrix-vector products needed (the first budget on the grid
-3 * 2^k, k >= 1, whose estimate is within the target; each budget re-runs the estimator from the seed), the time for
-that, and its ratio to flatscan's scan of the same images, timed in the same process (the trace-only scan for Tr(H)).
-">cap": no budget up to --max-matvecs reached the target; the time is then that of the call at the cap.
+kappa = Tr((S (x) I) H (S (x) I)), S = (K K^T)^{1/2} on the filter axis, = sum_{c,c'} <K_c, K_c'> Tr(H_cc'). curvlinops'
+Hutchinson, Hutch++ and XTrace (Rademacher vectors) run on these operators. Per target relative error (vs flatscan's
+exact value), the table gives the median over seeds of the products needed: walking down the budgets 3 * 2^k (k >= 1)
+from --max-matvecs, each a fresh estimator call from the seed, the smallest budget from which on every estimate is
+within the target (">cap": not even the cap's). Then the time of the peer for that (its setup plus the estimator call
+at that budget, products included) and its ratio to flatscan's scan of the same images in the same process (the
+trace-only scan for Tr(H)); for ">cap", the time at the cap.
 
-The peers get the cheapest exact Hessian-vector product we could make, generic in what follows the feature layer: one
-forward pass captures the feature layer's input A (for a ResNet also the last block's shortcut), and then, z = conv(A;
-K) being linear in K, H V = J^T M J V for a block of vectors: J V = conv(A; V) with all vectors' filters stacked in one
-conv, M = d2 loss / dz2 at the captured z applied by torch.func (forward-over-reverse, vmapped over the vectors, through
-the rest of the network only: norm, shortcut, activation, pool, head), and J^T by one weight gradient of that conv.
-This is several times faster than curvlinops' HessianLinearOperator on the same tail, whose vmapped conv backward takes
-a slow path. The capture (one forward pass over the images) is part of the peers' time. Before the benchmark, a tiny
-model checks the operators in float64: products against curvlinops' HessianLinearOperator, and dense exact traces
-(one product per basis vector) against flatscan's Tr(H) and kappa.
+The peers get the cheapest exact Hessian-vector product we could make, generic in what follows the feature layer. Their
+setup, timed, is one forward pass capturing the feature layer's input A (for a ResNet also the last block's shortcut)
+and its patches P (unfold), plus S for kappa. As z = conv(A; K) is linear in K, H V = J^T M J V for a block of vectors:
+J V and J^T are GEMMs with P (oneDNN's conv and its weight gradient are much slower with all vectors' filters stacked),
+M = d2 loss / dz2 at the captured z is applied by torch.func (forward-over-reverse, vmapped over the vectors) through
+the rest of the network only (norm, shortcut, activation, pool, head). S mixes filters, or channels of J V and M J V
+when N L < D (cheaper). This is 2-3x faster than curvlinops' HessianLinearOperator on the same tail module (vmapped conv
+backward), which also fails on SiLU tails (torch has no forward AD for silu_backward under its no_grad).
 
-Random-init timm model with 10 classes, flatscan's offline digits (upscaled), CPU, float32:
+First, a tiny model (--check-model, test_resnet for ResNets; BatchNorm randomised) checks the operators in float64:
+products against autograd through the whole model, and their exact traces (one product per basis vector) against
+flatscan's Tr(H) and kappa.
 
-    python benchmarks/peer_estimators.py                     # efficientnet_lite0, 32 px, N = 8 64 512, 5 seeds
-    python benchmarks/peer_estimators.py --n 8 --seeds 2 --max-matvecs 96
+Random-init timm model (timm's init; BatchNorm weights it zeroes set to one), 10 classes, flatscan's offline digits
+upscaled, float32:
+
+    python benchmarks/peer_estimators.py                 # efficientnet_lite0, 32 px, N = 8 64 512, 5 seeds, cap 96
+    python benchmarks/peer_estimators.py --n 8 --seeds 2 --max-matvecs 24
+    python benchmarks/peer_estimators.py --model resnet18 --check-model test_resnet --n 8 64
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import statistics
 import time
 from collections.abc import Callable
 from functools import partial
+from importlib.metadata import version
 from typing import Any
 
 import timm
@@ -68,16 +75,39 @@ def digits(model: nn.Module, n: int, img_size: int) -> Batches:
     return list(flatscan.open_eval_data(model, options, limit=n).batches)
 
 
+def randomise_norms(model: nn.Module) -> nn.Module:
+    """Random BatchNorm statistics and affine parameters (timm's init leaves them the identity), for the check."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.2)  # type: ignore[union-attr]
+                module.running_var.uniform_(0.5, 1.5)  # type: ignore[union-attr]
+                module.weight.uniform_(0.5, 2.0)
+                module.bias.normal_(0, 0.3)
+    return model
+
+
+def unzero_norms(model: nn.Module) -> nn.Module:
+    """BatchNorm weights one where timm's init zeroes them (a residual block's last): a ResNet's feature layer would
+    have a zero Hessian."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d) and not module.weight.any():
+                module.weight.fill_(1)
+    return model
+
+
 class Tail:
     """The network after its feature conv, on tensors captured once: (z, shortcut) -> logits."""
 
     def __init__(self, model: nn.Module, feature_layer: str) -> None:
-        self.model = model
-        self.conv = model.get_submodule(feature_layer)
-        if type(self.conv) is not nn.Conv2d or self.conv.groups != 1 or self.conv.padding_mode != "zeros":
+        self.model: Any = model  # timm's forward_head, bn2, blocks
+        conv = model.get_submodule(feature_layer)
+        if not (type(conv) is nn.Conv2d and conv.groups == 1 and conv.padding_mode == "zeros"):
             raise SystemExit(f"{feature_layer} is not a plain ungrouped Conv2d: its filters cannot be stacked")
+        self.conv = conv
         block_name, _, conv_name = feature_layer.rpartition(".")
-        self.block = model.get_submodule(block_name) if block_name else None
+        self.block: Any = model.get_submodule(block_name) if block_name else None
         resnet_block = block_name.startswith("layer4.") and conv_name == (
             "conv3" if hasattr(self.block, "conv3") else "conv2"
         )
@@ -116,52 +146,57 @@ class Tail:
 
 
 class Operator:
-    """(S (x) I) H (S (x) I) on flattened kernels (``mix`` S; None: H), as curvlinops' estimators use an operator.
+    """(S (x) I) H (S (x) I) on flattened kernels (``mix`` S; None: H), with the shape, device, dtype and ``@`` that
+    curvlinops' estimators use.
 
-    H V = J^T M J V (see the module docstring), ``chunk`` vectors at a time; ``matvecs`` counts the products.
+    H V = J^T M J V (see the module docstring), ``chunk`` vectors at a time; ``matvecs`` counts the products. S mixes
+    the filters of V, or (cheaper when N L < D) the channels of J V and of M J V.
     """
 
     def __init__(self, tail: Tail, captured: tuple[Tensor, Tensor, Tensor], mix: Tensor | None) -> None:
-        self.mix = mix
         inputs, shortcut, labels = captured
         conv = tail.conv
         weight = conv.weight.detach()
-        self.kernel_shape = weight.shape
         self.shape = (weight.numel(), weight.numel())
         self.device, self.dtype = weight.device, weight.dtype
         with torch.no_grad():
             z = conv(inputs)
         self.z_shape = z.shape
-        # J as a GEMM with the patches (rows n, p): oneDNN's conv and its weight gradient are far slower at k C filters
+        # J as a GEMM with the patches: oneDNN's conv and its weight gradient are far slower at k C filters
         patches = F.unfold(inputs, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # type: ignore[arg-type]
-        self.patches = patches.transpose(1, 2).flatten(0, 1)
+        self.patches = patches.transpose(1, 2)  # (N, L, D)
+        on_responses = z[0, 0].numel() * z.shape[0] < weight[0].numel()
+        self.filter_mix: Tensor | None = None if on_responses else mix
+        self.response_mix: Tensor | None = mix if on_responses else None
 
         def loss(z: Tensor) -> Tensor:
             return F.cross_entropy(tail.logits(z, shortcut), labels)
 
         grad = torch.func.grad(loss)
-        self.loss_hvp = torch.func.vmap(lambda u: torch.func.jvp(grad, (z,), (u,))[1])
-        self.chunk = max(1, min(256, 2**24 // z.numel()))  # vectors per block: M's tangents stay ~64 MiB in float32
+        # the vectors on the last axis of z: (N, C, H, W, k)
+        self.loss_hvp = torch.func.vmap(lambda u: torch.func.jvp(grad, (z,), (u,))[1], in_dims=-1, out_dims=-1)
+        self.chunk = max(1, min(1024, 2**24 // z.numel()))  # vectors per block: M's tangents stay ~64 MiB in float32
         self.matvecs = 0
 
+    @torch.no_grad()  # the network's own parameters: no graph (in-place ops on the result would leak it)
     def __matmul__(self, x: Tensor) -> Tensor:
         columns = x.reshape(x.shape[0], -1)
         self.matvecs += columns.shape[1]
         return torch.cat([self._apply(part) for part in columns.split(self.chunk, dim=1)], dim=1).reshape(x.shape)
 
-    def _mixed(self, filters: Tensor) -> Tensor:
-        """(k, C, D) ``filters`` times S on the filter axis."""
-        return filters if self.mix is None else self.mix @ filters
-
     def _apply(self, columns: Tensor) -> Tensor:
         """The operator on (dim, k) ``columns``."""
-        k = columns.shape[1]
-        n, channels, *spatial = self.z_shape
-        filters = self._mixed(columns.T.reshape(k, channels, -1)).flatten(0, 1)  # (k C, D)
-        responses = (filters @ self.patches.T).view(k, channels, n, *spatial)  # J V
-        tangents = self.loss_hvp(responses.transpose(1, 2)).transpose(1, 2)  # M J V, (k, C, N, ...)
-        product = tangents.reshape(k * channels, -1) @ self.patches  # J^T M J V
-        return self._mixed(product.view(k, channels, -1)).reshape(k, -1).T
+        _, channels, *spatial = self.z_shape
+        filters = mixed(self.filter_mix, columns.reshape(channels, -1, columns.shape[1]), 0)  # (C, D, k)
+        responses = mixed(self.response_mix, torch.einsum("nld,cdk->nclk", self.patches, filters), 1)  # J V
+        tangents = self.loss_hvp(responses.unflatten(2, spatial)).flatten(2, -2)  # M J V
+        product = torch.einsum("nclk,nld->cdk", mixed(self.response_mix, tangents, 1), self.patches)  # J^T M J V
+        return mixed(self.filter_mix, product, 0).reshape(columns.shape)
+
+
+def mixed(mix: Tensor | None, tensor: Tensor, axis: int) -> Tensor:
+    """``mix`` (None: identity) on the channel ``axis`` of ``tensor``."""
+    return tensor if mix is None else torch.tensordot(mix, tensor, dims=([1], [axis])).movedim(0, axis)
 
 
 def gram_root(kernel: Tensor) -> Tensor:
@@ -188,7 +223,7 @@ def operators(tail: Tail, captured: tuple[Tensor, Tensor, Tensor], mix: Tensor) 
 def check(name: str, img_size: int) -> None:
     """Float64, tiny ``name`` model: products against autograd's, dense exact traces against flatscan."""
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=10).double().eval()
+    model = randomise_norms(timm.create_model(name, pretrained=False, num_classes=10)).double().eval()
     batches = [(images.double(), labels) for images, labels in digits(model, 4, img_size)]
     result = flatscan.scan(model, batches, device="cpu")
     tail = Tail(model, result.feature_layer)
@@ -208,14 +243,13 @@ def check(name: str, img_size: int) -> None:
         [torch.func.jvp(torch.func.grad(loss), (weight,), (v.view_as(weight),))[1].flatten() for v in vectors.T], 1
     )
     errors = {"H V vs autograd": ((ops["Tr(H)"] @ vectors - expected).norm() / expected.norm()).item()}
-    basis = torch.eye(dim, dtype=torch.float64).split(1024, dim=1)
     for (measure, op), exact in zip(ops.items(), (result.trace, result.relative_flatness), strict=True):
         assert exact is not None
-        offset = 0
         dense = 0.0
-        for block in basis:
-            dense += (op @ block)[offset : offset + block.shape[1]].diagonal().sum().item()
-            offset += block.shape[1]
+        for start in range(0, dim, 256):  # the identity, 256 columns at a time
+            block = torch.zeros(dim, min(256, dim - start), dtype=torch.float64)
+            block[start : start + block.shape[1]].fill_diagonal_(1)
+            dense += (op @ block)[start : start + block.shape[1]].diagonal().sum().item()
         errors[f"dense {measure} {dense:.12g} vs flatscan {exact:.12g}"] = abs(dense - exact) / abs(exact)
     print(
         f"check ({name}, {result.feature_layer}, {dim} weights, float64): "
@@ -228,24 +262,25 @@ def check(name: str, img_size: int) -> None:
 def search(
     estimator: Callable[..., Tensor], op: Operator, exact: float, seed: int, budgets: list[int]
 ) -> list[tuple[float, float]]:
-    """Per target: (matvecs, seconds) of the first budget whose estimate is within it, else (inf, time at the cap)."""
-    hits: list[tuple[float, float] | None] = [None] * len(TARGETS)
-    seconds = 0.0
-    for budget in budgets:
+    """Per target: (products, seconds) of the smallest budget from which on every budget's estimate is within it,
+    walking down from the cap; (inf, seconds at the cap) when the cap's estimate is not within it."""
+    found = [(math.inf, 0.0)] * len(TARGETS)
+    within = [True] * len(TARGETS)
+    for budget in reversed(budgets):
         torch.manual_seed(seed)
         op.matvecs = 0
         value, seconds = timed(partial(estimator, op, budget))
-        estimate = value.item()
         if op.matvecs != budget:
             raise SystemExit(f"{estimator.__name__} used {op.matvecs} products for a budget of {budget}")
-        error = abs(estimate - exact) / abs(exact)  # NaN (an estimator breaking down) reaches no target
-        hits = [
-            hit if hit is not None or not error <= target else (budget, seconds)
-            for hit, target in zip(hits, TARGETS, strict=True)
+        error = abs(value.item() - exact) / abs(exact)  # NaN (an estimator breaking down) is within no target
+        within = [still and error <= target for still, target in zip(within, TARGETS, strict=True)]
+        found = [
+            (budget, seconds) if still else (math.inf, seconds) if budget == budgets[-1] else hit
+            for still, hit in zip(within, found, strict=True)
         ]
-        if all(hit is not None for hit in hits):
+        if not any(within):
             break
-    return [hit if hit is not None else (math.inf, seconds) for hit in hits]
+    return found
 
 
 def measure(model: nn.Module, n: int, args: argparse.Namespace) -> list[str]:
@@ -255,13 +290,14 @@ def measure(model: nn.Module, n: int, args: argparse.Namespace) -> list[str]:
     result, trace_s = median_time(lambda: flatscan.scan(model, batches, device=device, trace_only=True), args.reps)
     result, kappa_s = median_time(lambda: flatscan.scan(model, batches, device=device), args.reps)
     tail = Tail(model, result.feature_layer)
-    captured, capture_s = median_time(lambda: tail.capture(batches, device), args.reps)
+    # the peers' setup: the capture (one forward pass) and the operator's patches; for kappa also S
+    _, setup_s = median_time(lambda: Operator(tail, tail.capture(batches, device), None), args.reps)
     mix, root_s = median_time(lambda: gram_root(tail.conv.weight), args.reps)
-    ops = operators(tail, captured, mix)
+    ops = operators(tail, tail.capture(batches, device), mix)
     budgets = [3 * 2**k for k in range(1, 64) if 3 * 2**k <= args.max_matvecs]
     cases = {
-        "Tr(H)": (result.trace, trace_s, capture_s),
-        "kappa": (result.relative_flatness, kappa_s, capture_s + root_s),
+        "Tr(H)": (result.trace, trace_s, setup_s),
+        "kappa": (result.relative_flatness, kappa_s, setup_s + root_s),
     }
     rows = []
     for measure_name, (exact, flatscan_s, setup_s) in cases.items():
@@ -286,7 +322,7 @@ def main() -> None:
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--n", type=int, nargs="+", default=[8, 64, 512], help="numbers of images")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--max-matvecs", type=int, default=1536, help="cap of the budget grid 3 * 2^k")
+    parser.add_argument("--max-matvecs", type=int, default=96, help="cap of the budget grid 3 * 2^k")
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions of the scans and the capture (median)")
@@ -295,16 +331,17 @@ def main() -> None:
 
     check(args.check_model, args.img_size)
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False, num_classes=10).to(args.device).eval()
+    model = unzero_norms(timm.create_model(args.model, pretrained=False, num_classes=10)).to(args.device).eval()
     header = (
         f"{args.model} (random init), digits at {args.img_size} px, {args.device}, float32; "
-        f"median of {args.seeds} seeds, budgets 3 * 2^k up to {args.max_matvecs} products"
+        f"curvlinops {version('curvlinops-for-pytorch')}, median of {args.seeds} seeds, budgets 3 * 2^k up to "
+        f"{args.max_matvecs} products"
     )
     print(header, flush=True)
     rows = [row for n in args.n for row in measure(model, n, args)]
     targets = [f"{target:.1%}".replace(".0%", "%") for target in TARGETS]
     columns = ["N", "measure", "exact", "flatscan (s)", "estimator"]
-    columns += [f"{what} {target}" for target in targets for what in ("products", "time (s)", "x flatscan")]
+    columns += [f"{what} ({target})" for target in targets for what in ("products", "time (s)", "x flatscan")]
     print(f"\n{header}\n")
     print("| " + " | ".join(columns) + " |")
     print("|" + "|".join("---:" for _ in columns) + "|")
