@@ -135,6 +135,7 @@ class Constants:
     classifier_weight: Tensor
     channel_scale: Tensor
     kernel_gram: Tensor
+    kernel: Tensor  # K (C, D), the flattened filters
     split_precision: bool = False  # kappa's contraction through flatness.split_matmul (float32, checked by the scan)
 
 
@@ -265,6 +266,7 @@ def scan_constants(model: nn.Module, head: NormalisedHead, device: torch.device,
         classifier_weight=torch.stack(weights).sum(0),
         channel_scale=head.channel_scale.to(device, dtype),
         kernel_gram=within_group_gram(kernel, getattr(feature_layer, "groups", 1)),
+        kernel=kernel,
     )
 
 
@@ -320,10 +322,17 @@ class Terms:
         sqnorms = flatness.gradient_sqnorms(self.slopes, self.patches, channel_scale)
         return flatness.hessian_trace(sqnorms, self.curv, self.derivatives)
 
-    def relative_flatness(self, kernel_gram: Tensor, channel_scale: Tensor) -> Tensor:
-        """kappa per sample, float64; ``kernel_gram`` is K K^T (within-group pairs)."""
-        weighted_gram = flatness.gradient_gram(self.slopes, self.patches, channel_scale, weight=kernel_gram)
-        return flatness.relative_flatness(kernel_gram, weighted_gram, self.curv, self.derivatives)
+    def relative_flatness(self, const: Constants) -> Tensor:
+        """kappa per sample, float64: through the positions on small maps of one group, else through the Gram
+        matrix K K^T o <g_c, g_c'>."""
+        _, groups, kernel_size, positions = self.patches.shape
+        channels, rows = self.slopes.shape[1], self.derivatives.rows
+        if groups == 1 and flatness.positions_route_is_cheaper(channels, positions, kernel_size, rows):
+            return flatness.relative_flatness_by_positions(
+                const.kernel, self.slopes, self.patches, const.channel_scale, self.curv, self.derivatives
+            )
+        weighted_gram = flatness.gradient_gram(self.slopes, self.patches, const.channel_scale, weight=const.kernel_gram)
+        return flatness.relative_flatness(const.kernel_gram, weighted_gram, self.curv, self.derivatives)
 
     def block_traces(self, channel_scale: Tensor) -> Tensor:
         """Tr(H_cc') per sample, (N, C, C), float64."""
@@ -340,8 +349,9 @@ class CoupledSampleTerms:
     def trace(self, channel_scale: Tensor) -> Tensor:
         return self.terms.trace(channel_scale)
 
-    def relative_flatness(self, kernel_gram: Tensor, channel_scale: Tensor) -> Tensor:
-        return self.terms.contract(kernel_gram * channel_scale[:, None] * channel_scale[None, :])
+    def relative_flatness(self, const: Constants) -> Tensor:
+        scale = const.channel_scale
+        return self.terms.contract(const.kernel_gram * scale[:, None] * scale[None, :])
 
     def block_traces(self, channel_scale: Tensor) -> Tensor:
         return self.terms.block_traces(channel_scale)

@@ -278,6 +278,11 @@ class HeadDerivatives:
         mean_row = (self.probs @ self.weight.double()).to(dtype)  # W^T p
         return (self.weight - mean_row.unsqueeze(1)).mul_(self.probs.sqrt().to(dtype).unsqueeze(-1))
 
+    @property
+    def rows(self) -> int:
+        """J, the rows of :meth:`factor`: a linear head's classes, or C for a general head."""
+        return self.hessian.shape[-1] if self.hessian is not None else cast(Tensor, self.probs).shape[1]
+
     def factor(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Rows V_j and signs w_j with B = sum_j w_j V_j^T V_j: (N, J, C) and (N, J).
 
@@ -431,6 +436,35 @@ def relative_flatness(kernel_gram: Tensor, weighted_gram: Tensor, curv: Tensor, 
     """
     cross = head.contract(weighted_gram)
     return cross + (kernel_gram.diagonal() * head.grad * curv).sum(1, dtype=torch.float64)
+
+
+def relative_flatness_by_positions(
+    kernel: Tensor, slopes: Tensor, patches: Tensor, channel_scale: Tensor, curv: Tensor, head: HeadDerivatives
+) -> Tensor:
+    """kappa without a (C, C) matrix: with P^T P = R R^T (L x L) and A = F R, <g_c, g_c'> = (A A^T)_cc', so
+
+        sum_{c,c'} (K K^T)_cc' B_cc' <g_c, g_c'> = sum_j w_j sum_l ||K^T (V_j o a_l)||^2
+
+    for B = sum_j w_j V_j^T V_j (:meth:`HeadDerivatives.factor`) and a_l the columns of A: J x L x C x D per sample
+    instead of C^2 (L + 1 + J); cheaper on small maps (:func:`positions_route_is_cheaper`). One group; ``kernel`` is
+    K (C, D).
+    """
+    factor = _scaled_slopes(slopes, channel_scale, 1)[:, 0]  # F: (N, C, L)
+    p = patches[:, 0]
+    values, vectors = torch.linalg.eigh(p.transpose(1, 2) @ p)
+    columns = factor @ (vectors * values.clamp_min(0).sqrt().unsqueeze(1))  # A = F R: (N, C, L)
+    rows, signs = head.factor(kernel.dtype)  # (N, J, C), (N, J)
+    cross = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
+    for column in columns.unbind(-1):
+        projected = (rows * column.unsqueeze(1)) @ kernel  # (N, J, D)
+        cross += (projected.square().sum(-1) * signs).sum(-1, dtype=torch.float64)
+    return cross + (kernel.square().sum(1) * head.grad * curv).sum(1, dtype=torch.float64)
+
+
+def positions_route_is_cheaper(channels: int, positions: int, kernel_size: int, rows: int) -> bool:
+    """Whether :func:`relative_flatness_by_positions` (rows x L x C x D) costs less than the Gram route
+    (C^2 x (L + 1 + rows))."""
+    return rows * positions * kernel_size < channels * (positions + 1 + rows)
 
 
 def classifier_flatness(inputs: Tensor, logits: Tensor, weight: Tensor) -> Tensor:

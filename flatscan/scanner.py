@@ -142,7 +142,7 @@ def _measure(
         "correct_top5": (logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]).any(1).double(),
     }
     if not trace_only:
-        out["relative_flatness"] = terms.relative_flatness(const.kernel_gram, scale)
+        out["relative_flatness"] = terms.relative_flatness(const)
     return out
 
 
@@ -255,10 +255,8 @@ def _check_split_precision(
     part = slice(0, chunk)
     parts = {key: value[part] for key, value in tapped.items()}
     split, plain = (
-        sample_terms(head, replace(const, split_precision=flag), parts, logits[part], labels[part]).relative_flatness(
-            const.kernel_gram, const.channel_scale
-        )
-        for flag in (True, False)
+        sample_terms(head, flagged, parts, logits[part], labels[part]).relative_flatness(flagged)
+        for flagged in (replace(const, split_precision=flag) for flag in (True, False))
     )
     scale = plain.abs().max()
     deviation = float((split - plain).abs().max() / scale) if scale > 0 else float((split - plain).abs().max())

@@ -16,6 +16,7 @@ from timm.layers import create_conv2d
 from torch import nn
 
 import flatscan
+from flatscan import flatness
 from flatscan.contract import NormalisedHead, Tap, activation_of, batchnorm_scale
 
 RTOL = 1e-10
@@ -80,6 +81,39 @@ def test_conv_geometry_matches_autograd(name: str, size: int) -> None:
     images, labels = batch(size=size)
     result = flatscan.scan(model, [(images, labels)], device="cpu")
     assert_matches_autograd(model, "conv.weight", images, labels, result)
+
+
+@pytest.mark.parametrize("name", ["stride2", "1x1", "rect_kernel", "timm_same_dynamic"])
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
+def test_positions_route_matches_autograd(name: str, activation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kappa through the positions (no (C, C) matrix; chosen on small maps) against autograd, forced on."""
+    taken = []
+
+    def always(*sizes: int) -> bool:
+        taken.append(sizes)
+        return True
+
+    monkeypatch.setattr(flatness, "positions_route_is_cheaper", always)
+    model = make_gapnet(GEOMETRIES[name](), ACTIVATIONS[activation])
+    images, labels = batch(size=9)
+    result = flatscan.scan(model, [(images, labels)], device="cpu")
+    assert taken, "the positions route was not taken"
+    assert_matches_autograd(model, "conv.weight", images, labels, result)
+
+
+def test_positions_route_is_chosen_on_small_maps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small map with more channels than the kernel is long takes the positions route, and agrees with autograd."""
+    calls: list[bool] = []
+    original = flatness.positions_route_is_cheaper
+    monkeypatch.setattr(
+        flatness, "positions_route_is_cheaper", lambda *sizes: calls.append(original(*sizes)) or calls[-1]
+    )
+    model = make_gapnet(nn.Conv2d(4, 24, 1, stride=4), nn.SiLU())  # 8 px -> 2 x 2 positions, D = 4, C = 24
+    images, labels = batch(size=8)
+    result = flatscan.scan(model, [(images, labels)], device="cpu")
+    assert calls == [True]
+    assert_matches_autograd(model, "conv.weight", images, labels, result)
+    assert not original(channels=2048, positions=49, kernel_size=512, rows=1000)  # resnet50 at 224 px: the Gram route
 
 
 def test_timm_same_padding_is_dynamic() -> None:
