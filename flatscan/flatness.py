@@ -368,8 +368,8 @@ def split_matmul(a: Tensor, b: Tensor) -> Tensor:
 
     The pieces are exact TF32 values, so a tensor core multiplies them exactly; what is dropped (lo lo and the
     residuals r) is at most about 3 x 2^-22 (< 2^-20) of each product term: float32 accuracy at tensor-core speed
-    on CUDA. Elsewhere the
-    same products run as float32 matmuls (exact products of 11-bit significands): an emulation, for tests.
+    on CUDA. Elsewhere the same products run as float32 matmuls (exact products of 11-bit significands): an
+    emulation, for tests.
     """
     a_hi, a_lo = split_tf32(a)
     b_hi, b_lo = split_tf32(b)
