@@ -1,8 +1,9 @@
 """Scan time as a multiple of the model's own eval forward pass over the same batches.
 
 Same process, interleaved repetitions, medians. Random-init timm models, random images. "kappa floor" is the part
-of kappa no exact route avoids: the classes x C^2 product per sample (V q, float32, as flatscan batches it), timed
-alone on random matrices of the model's sizes, as a multiple of the same forward:
+of kappa no exact route avoids: the classes x C^2 contraction per sample (its upper block triangle, float32, as
+flatscan batches it: ``flatness.gram_contraction``), timed alone on random matrices of the model's sizes, as a
+multiple of the same forward:
 
     python benchmarks/scan_overhead.py                       # resnet50, efficientnet_b0; CPU, batch 16, 224 px
     python benchmarks/scan_overhead.py --device cuda --batch-size 64 --models resnet50
@@ -22,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 import flatscan
+from flatscan import flatness
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -54,12 +56,16 @@ def measure(name: str, device: str, batch_size: int, img_size: int, n_batches: i
     classes = modules[head.classifier].weight.shape[0]
     n_samples = batch_size * n_batches
     chunk = min(n_samples, 4)
-    factor = torch.randn(chunk, classes, channels, device=device)
-    gram = torch.randn(chunk, channels, channels, device=device)
+    labels = torch.zeros(chunk, dtype=torch.long, device=device)
+    weight = torch.randn(classes, channels, device=device)
+    derivatives = flatness.linear_head_derivatives(torch.randn(chunk, classes, device=device), labels, weight)
+    derivatives.factor(weight.dtype)  # V (classes, C) per sample is formed once, outside the timing
+    columns = torch.randn(chunk, channels, 1, device=device)  # left right^T of rank one: the contraction alone
+    channel_weight = torch.randn(channels, channels, device=device)
 
     def floor() -> None:
         for _ in range(math.ceil(n_samples / chunk)):
-            factor @ gram
+            flatness.gram_contraction(columns, columns, channel_weight, derivatives)
 
     runs = {
         "forward": forward,

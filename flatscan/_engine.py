@@ -319,25 +319,25 @@ class Terms:
 
     def trace(self, channel_scale: Tensor) -> Tensor:
         """Tr(H) per sample, float64."""
-        sqnorms = flatness.gradient_sqnorms(self.slopes, self.patches, channel_scale)
-        return flatness.hessian_trace(sqnorms, self.curv, self.derivatives)
+        left, right = flatness.gradient_factors(self.slopes, self.patches, channel_scale)
+        return flatness.hessian_trace((left * right).sum(-1), self.curv, self.derivatives)
 
     def relative_flatness(self, const: Constants) -> Tensor:
         """kappa per sample, float64: through the positions on small maps of one group, else through the Gram
-        matrix K K^T o <g_c, g_c'>."""
+        matrix K K^T o <g_c, g_c'> (its upper blocks: :func:`flatness.gram_contraction`)."""
         _, groups, kernel_size, positions = self.patches.shape
         channels, rows = self.slopes.shape[1], self.derivatives.rows
         if groups == 1 and flatness.positions_route_is_cheaper(channels, positions, kernel_size, rows):
             return flatness.relative_flatness_by_positions(
                 const.kernel, self.slopes, self.patches, const.channel_scale, self.curv, self.derivatives
             )
-        weighted_gram = flatness.gradient_gram(self.slopes, self.patches, const.channel_scale, weight=const.kernel_gram)
-        return flatness.relative_flatness(const.kernel_gram, weighted_gram, self.curv, self.derivatives)
+        factors = flatness.gradient_factors(self.slopes, self.patches, const.channel_scale)
+        return flatness.relative_flatness(const.kernel_gram, factors, self.curv, self.derivatives)
 
     def block_traces(self, channel_scale: Tensor) -> Tensor:
         """Tr(H_cc') per sample, (N, C, C), float64."""
-        grad_gram = flatness.gradient_gram(self.slopes, self.patches, channel_scale)
-        return flatness.block_traces(grad_gram, self.curv, self.derivatives)
+        left, right = flatness.gradient_factors(self.slopes, self.patches, channel_scale)
+        return flatness.block_traces(left @ right.transpose(1, 2), self.curv, self.derivatives)
 
 
 @dataclass(frozen=True)

@@ -177,11 +177,13 @@ def _check_finite_weights(model: nn.Module) -> None:
     named = [(name, t) for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()]
     if not named:
         return
-    # One device-to-host copy for all tensors: a check per tensor would wait for a GPU hundreds of times.
-    finite = torch.stack([torch.isfinite(tensor).all() for _, tensor in named]).tolist()
+    # One pass per tensor (NaN and Inf propagate through a float64 sum) and one device-to-host copy for all: a check
+    # per tensor would wait for a GPU hundreds of times. A non-finite sum is looked at element by element, since
+    # huge finite float64 values may also overflow it.
+    finite = torch.stack([tensor.sum(dtype=torch.float64) for _, tensor in named]).isfinite().tolist()
     for (name, tensor), ok in zip(named, finite, strict=True):
-        if not ok:
-            count = int((~torch.isfinite(tensor)).sum())
+        count = 0 if ok else int((~torch.isfinite(tensor)).sum())
+        if count:
             raise NonFiniteValue(
                 f"the model's {name} holds {count} NaN/Inf value(s) of {tensor.numel()}: the weights are corrupt; "
                 "load an intact checkpoint"

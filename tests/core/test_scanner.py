@@ -104,6 +104,16 @@ def test_no_samples_is_an_error() -> None:
         flatscan.scan(small_resnet(), make_batches(), device="cpu", max_samples=0)
 
 
+def test_huge_finite_weights_are_not_taken_for_nan() -> None:
+    # The weight check sums each tensor in float64; these sum to inf though every value is finite.
+    model = small_resnet()
+    model.register_buffer("unused", torch.full((4,), 1e308, dtype=torch.float64))
+    assert flatscan.scan(model, make_batches(1), device="cpu").n_samples == 4
+    model.unused[1] = float("inf")
+    with pytest.raises(flatscan.NonFiniteValue, match=r"the model's unused holds 1 NaN/Inf value\(s\) of 4"):
+        flatscan.scan(model, make_batches(1), device="cpu")
+
+
 def test_scan_keeps_no_autograd_graph_and_restores_mode() -> None:
     model = small_resnet()
     model.train()
