@@ -1,9 +1,9 @@
 """Scan time as a multiple of the model's own eval forward pass over the same batches.
 
-Same process, interleaved repetitions, medians. Random-init timm models, random images. "kappa floor" is the part
-of kappa no exact route avoids: the classes x C^2 contraction per sample (its upper block triangle, float32, as
-flatscan batches it: ``flatness.gram_contraction``), timed alone on random matrices of the model's sizes, as a
-multiple of the same forward:
+Same process, interleaved repetitions, medians of each repetition's ratio to the forwards around it. Random-init
+timm models, random images. "kappa floor" is the part of kappa no exact route avoids: the classes x C^2 contraction
+per sample (its lower block triangle, float32, as flatscan batches it: ``flatness.gram_contraction``), timed alone
+on random matrices of the model's sizes, as a multiple of the same forward:
 
     python benchmarks/scan_overhead.py                       # resnet50, efficientnet_b0; CPU, batch 16, 224 px
     python benchmarks/scan_overhead.py --device cuda --batch-size 64 --models resnet50
@@ -68,23 +68,27 @@ def measure(name: str, device: str, batch_size: int, img_size: int, n_batches: i
             flatness.gram_contraction(columns, columns, channel_weight, derivatives)
 
     runs = {
-        "forward": forward,
-        "floor": floor,
         "trace": lambda: flatscan.scan(model, batches, device=device, trace_only=True),
         "kappa": lambda: flatscan.scan(model, batches, device=device),
+        "floor": floor,
     }
-    for run in runs.values():  # warm-up: allocator, oneDNN / cuDNN kernel choice
+    for run in (forward, *runs.values()):  # warm-up: allocator, oneDNN / cuDNN kernel choice
         run()
-    times: dict[str, list[float]] = {key: [] for key in runs}
-    for _ in range(reps):
-        for key, run in runs.items():
-            times[key].append(timed(run))
-    medians = {key: statistics.median(values) for key, values in times.items()}
+    # Each repetition runs the three between two forwards and is divided by their mean: on a shared machine whose
+    # speed drifts, a ratio of neighbours is steadier than a ratio of medians taken minutes apart. The order
+    # rotates, so no run always follows the forward.
+    forwards = [timed(forward)]
+    ratios: dict[str, list[float]] = {key: [] for key in runs}
+    for rep in range(reps):
+        keys = list(runs)[rep % len(runs) :] + list(runs)[: rep % len(runs)]
+        times = {key: timed(runs[key]) for key in keys}
+        forwards.append(timed(forward))
+        baseline = (forwards[-2] + forwards[-1]) / 2
+        for key, seconds in times.items():
+            ratios[key].append(seconds / baseline)
     return {
-        "forward_s": medians["forward"],
-        "trace_ratio": medians["trace"] / medians["forward"],
-        "kappa_ratio": medians["kappa"] / medians["forward"],
-        "floor_ratio": medians["floor"] / medians["forward"],
+        "forward_s": statistics.median(forwards),
+        **{f"{key}_ratio": statistics.median(values) for key, values in ratios.items()},
     }
 
 
@@ -100,7 +104,7 @@ def main() -> None:
 
     table = Table(
         title=f"scan / forward, {args.device}, batch {args.batch_size}, {args.img_size} px, "
-        f"{args.batches} batches, median of {args.reps}"
+        f"{args.batches} batches, median of {args.reps} ratios"
     )
     for column in ("model", "forward (s)", "Tr(H) only", "Tr(H) + kappa", "kappa floor"):
         table.add_column(column, justify="right")

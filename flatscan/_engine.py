@@ -324,7 +324,7 @@ class Terms:
 
     def relative_flatness(self, const: Constants) -> Tensor:
         """kappa per sample, float64: through the positions on small maps of one group, else through the Gram
-        matrix K K^T o <g_c, g_c'> (its upper blocks: :func:`flatness.gram_contraction`)."""
+        matrix K K^T o <g_c, g_c'> (its lower blocks: :func:`flatness.gram_contraction`)."""
         _, groups, kernel_size, positions = self.patches.shape
         channels, rows = self.slopes.shape[1], self.derivatives.rows
         if groups == 1 and flatness.positions_route_is_cheaper(channels, positions, kernel_size, rows):

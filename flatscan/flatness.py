@@ -34,7 +34,7 @@ ACTIVATIONS = ("identity", "relu", "relu6", "leaky_relu", "silu", "gelu", "gelu_
 _PIECEWISE_LINEAR = frozenset({"identity", "relu", "relu6", "leaky_relu"})
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_TANH_CUBIC = 0.044715
-# Block rows of a symmetric (C, C) contraction (:func:`gram_contraction`): 4 do 5/8 of the whole product's work
+# Block columns of a symmetric (C, C) contraction (:func:`gram_contraction`): 4 do 5/8 of the whole product's work
 # in four GEMMs still large enough to run at full speed.
 _GRAM_BLOCKS = 4
 
@@ -235,21 +235,21 @@ class HeadDerivatives:
         assert self.probs is not None and self.weight is not None
         return class_spread(self.probs, self.weight)
 
-    def contract(self, q: Tensor, rows: slice = slice(None), start: int = 0) -> Tensor:
+    def contract(self, q: Tensor, start: int = 0, columns: slice = slice(None)) -> Tensor:
         """sum_{c,c'} q_cc' B_cc' per sample, float64, over the block of ``q`` given: (N, C, C) by default, else
-        the rows ``rows`` and the columns from ``start`` on.
+        the rows from ``start`` on and the columns ``columns``.
 
         A linear head uses B = V^T V, V_k = sqrt(p_k) (w_k - W^T p): a sum of non-negative terms
         in q's dtype, with no cancellation between two large numbers.
         """
         if self.hessian is not None:
-            return (q * self.hessian[:, rows, start:]).sum((1, 2), dtype=torch.float64)
+            return (q * self.hessian[:, start:, columns]).sum((1, 2), dtype=torch.float64)
         assert self.probs is not None and self.weight is not None
         factor = self._factor(q.dtype)
-        left = factor[:, :, rows]
+        left = factor[:, :, start:]
         product = split_matmul(left, q) if self.split_precision else left @ q
-        # V_k^T q V_k in q's dtype (a dot of length C, as the product's own), the sum over classes in float64
-        return product.mul_(factor[:, :, start:]).sum(-1).sum(-1, dtype=torch.float64)
+        # V_k^T q V_k in q's dtype (a dot as long as the block is wide), the sum over classes in float64
+        return product.mul_(factor[:, :, columns]).sum(-1).sum(-1, dtype=torch.float64)
 
     def _factor(self, dtype: torch.dtype) -> Tensor:
         """V with B = V^T V, V_k = sqrt(p_k) (w_k - W^T p): (N, classes, C) in ``dtype`` (linear head)."""
@@ -417,18 +417,19 @@ def gram_contraction(left: Tensor, right: Tensor, weight: Tensor, head: HeadDeri
     """sum_{c,c'} weight_cc' B_cc' (left right^T)_cc' per sample, float64, for a symmetric ``weight`` (C, C) and a
     symmetric left right^T (``left``, ``right``: (N, C, r)).
 
-    The summand is symmetric in (c, c'), so only the upper triangle of a grid of blocks is formed, each block off
-    the diagonal counted twice: (k + 1) / 2k of the C^2 (r + classes) products per sample for k blocks of rows.
+    The summand is symmetric in (c, c'), so only the lower triangle of a grid of blocks is formed, each block off
+    the diagonal counted twice: (k + 1) / 2k of the C^2 (r + classes) products per sample for k block columns
+    (each a product with a long inner dimension and a narrow result, which runs at full speed).
     """
     channels = left.shape[1]
     block = -(-channels // _GRAM_BLOCKS)
     total = left.new_zeros(left.shape[0], dtype=torch.float64)
     for lo in range(0, channels, block):
         hi = min(lo + block, channels)
-        folded = weight[lo:hi, lo:].clone()
-        folded[:, hi - lo :] *= 2
-        q = (left[:, lo:hi] @ right[:, lo:].transpose(1, 2)).mul_(folded)
-        total += head.contract(q, slice(lo, hi), lo)
+        folded = weight[lo:, lo:hi].clone()
+        folded[hi - lo :] *= 2
+        q = (left[:, lo:] @ right[:, lo:hi].transpose(1, 2)).mul_(folded)  # rows c >= lo, columns lo:hi
+        total += head.contract(q, lo, slice(lo, hi))
     return total
 
 
