@@ -246,8 +246,11 @@ class HeadDerivatives:
             return (q * self.hessian[:, start:, columns]).sum((1, 2), dtype=torch.float64)
         assert self.probs is not None and self.weight is not None
         factor = self._factor(q.dtype)
-        left = factor[:, :, start:]
-        product = split_matmul(left, q) if self.split_precision else left @ q
+        if self.split_precision:
+            hi, lo = self._split_factor
+            product = split_matmul((hi[:, :, start:], lo[:, :, start:]), q)
+        else:
+            product = factor[:, :, start:] @ q
         # V_k^T q V_k in q's dtype (a dot as long as the block is wide), the sum over classes in float64
         return product.mul_(factor[:, :, columns]).sum(-1).sum(-1, dtype=torch.float64)
 
@@ -262,6 +265,11 @@ class HeadDerivatives:
         dtype = self.weight.dtype
         mean_row = (self.probs @ self.weight.double()).to(dtype)  # W^T p
         return (self.weight - mean_row.unsqueeze(1)).mul_(self.probs.sqrt().to(dtype).unsqueeze(-1))
+
+    @cached_property
+    def _split_factor(self) -> tuple[Tensor, Tensor]:
+        """V (float32) as :func:`split_tf32`'s pair, split once for the products of all blocks."""
+        return split_tf32(self._factor(torch.float32))
 
     @property
     def rows(self) -> int:
@@ -348,17 +356,18 @@ def _tf32_matmuls(device: torch.device) -> Iterator[None]:
         matmul.fp32_precision = before
 
 
-def split_matmul(a: Tensor, b: Tensor) -> Tensor:
+def split_matmul(a: Tensor | tuple[Tensor, Tensor], b: Tensor) -> Tensor:
     """a @ b for float32 ``a``, ``b`` as three TF32 products, hi hi + (hi lo + lo hi), accumulated in float32.
 
     The pieces are exact TF32 values, so a tensor core multiplies them exactly; what is dropped (lo lo and the
     residuals r) is at most about 3 x 2^-22 (< 2^-20) of each product term: float32 accuracy at tensor-core speed
     on CUDA. Elsewhere the same products run as float32 matmuls (exact products of 11-bit significands): an
-    emulation, for tests.
+    emulation, for tests. ``a`` may come split already (:func:`split_tf32`'s pair): a factor of many products is
+    split once.
     """
-    a_hi, a_lo = split_tf32(a)
+    a_hi, a_lo = split_tf32(a) if isinstance(a, Tensor) else a
     b_hi, b_lo = split_tf32(b)
-    with _tf32_matmuls(a.device):
+    with _tf32_matmuls(b.device):
         return a_hi @ b_hi + (a_hi @ b_lo + a_lo @ b_hi)
 
 
