@@ -239,8 +239,8 @@ class HeadDerivatives:
         """sum_{c,c'} q_cc' B_cc' per sample, float64, over the block of ``q`` given: (N, C, C) by default, else
         the rows from ``start`` on and the columns ``columns``.
 
-        A linear head uses B = V^T V, V_k = sqrt(p_k) (w_k - W^T p): a sum of non-negative terms
-        in q's dtype, with no cancellation between two large numbers.
+        A linear head uses B = sum_k p_k V_k^T V_k, V_k = w_k - W^T p: a sum of non-negative terms, each
+        V_k^T q V_k in q's dtype, with no cancellation between two large numbers.
         """
         if self.hessian is not None:
             return (q * self.hessian[:, start:, columns]).sum((1, 2), dtype=torch.float64)
@@ -251,11 +251,12 @@ class HeadDerivatives:
             product = split_matmul((hi[:, :, start:], lo[:, :, start:]), q)
         else:
             product = factor[:, :, start:] @ q
-        # V_k^T q V_k in q's dtype (a dot as long as the block is wide), the sum over classes in float64
-        return product.mul_(factor[:, :, columns]).sum(-1).sum(-1, dtype=torch.float64)
+        # V_k^T q V_k in q's dtype (a dot as long as the block is wide), weighted by p_k and summed in float64
+        per_class = product.mul_(factor[:, :, columns]).sum(-1)
+        return (per_class.double() * self.probs).sum(-1)
 
     def _factor(self, dtype: torch.dtype) -> Tensor:
-        """V with B = V^T V, V_k = sqrt(p_k) (w_k - W^T p): (N, classes, C) in ``dtype`` (linear head)."""
+        """V with B = sum_k p_k V_k^T V_k, V_k = w_k - W^T p: (N, classes, C) in ``dtype`` (linear head)."""
         return self._rows.to(dtype)
 
     @cached_property
@@ -264,7 +265,7 @@ class HeadDerivatives:
         assert self.probs is not None and self.weight is not None
         dtype = self.weight.dtype
         mean_row = (self.probs @ self.weight.double()).to(dtype)  # W^T p
-        return (self.weight - mean_row.unsqueeze(1)).mul_(self.probs.sqrt().to(dtype).unsqueeze(-1))
+        return self.weight - mean_row.unsqueeze(1)
 
     @cached_property
     def _split_factor(self) -> tuple[Tensor, Tensor]:
@@ -277,14 +278,13 @@ class HeadDerivatives:
         return self.hessian.shape[-1] if self.hessian is not None else cast(Tensor, self.probs).shape[1]
 
     def factor(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Rows V_j and signs w_j with B = sum_j w_j V_j^T V_j: (N, J, C) and (N, J).
+        """Rows V_j and weights w_j with B = sum_j w_j V_j^T V_j: (N, J, C) and (N, J).
 
-        A linear head has J = classes and w = 1 (V as in :meth:`contract`); a general head's B is split by
-        its eigendecomposition (J = C).
+        A linear head has J = classes and w = p (V as in :meth:`contract`); a general head's B is split by
+        its eigendecomposition (J = C, w = +-1).
         """
         if self.hessian is None:
-            rows = self._factor(dtype)
-            return rows, rows.new_ones(rows.shape[:2])
+            return self._factor(dtype), cast(Tensor, self.probs).to(dtype)
         values, vectors = torch.linalg.eigh(self.hessian.double())
         rows = (values.abs().sqrt()[..., None] * vectors.transpose(1, 2)).to(dtype)
         return rows, values.sign().to(dtype)
@@ -303,9 +303,10 @@ class HeadDerivatives:
         if self.hessian is not None:
             bx = self.hessian.to(x.dtype) @ x
             return bx, x.transpose(1, 2) @ bx
-        factor = self._factor(x.dtype)
+        factor, weights = self.factor(x.dtype)
         vx = factor @ x
-        return factor.transpose(1, 2) @ vx, vx.transpose(1, 2) @ vx
+        weighted = vx * weights.unsqueeze(-1)
+        return factor.transpose(1, 2) @ weighted, vx.transpose(1, 2) @ weighted
 
     def matrix(self) -> Tensor:
         """B itself, shape (N, C, C); formed only for checks (``flatscan.verify``)."""
@@ -468,11 +469,11 @@ def relative_flatness_by_positions(
     p = patches[:, 0]
     values, vectors = torch.linalg.eigh(p.transpose(1, 2) @ p)
     columns = factor @ (vectors * values.clamp_min(0).sqrt().unsqueeze(1))  # A = F R: (N, C, L)
-    rows, signs = head.factor(kernel.dtype)  # (N, J, C), (N, J)
+    rows, weights = head.factor(kernel.dtype)  # (N, J, C), (N, J)
     cross = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
     for column in columns.unbind(-1):
         projected = (rows * column.unsqueeze(1)) @ kernel  # (N, J, D)
-        cross += (projected.square().sum(-1) * signs).sum(-1, dtype=torch.float64)
+        cross += (projected.square().sum(-1) * weights).sum(-1, dtype=torch.float64)
     return cross + (kernel.square().sum(1) * head.grad * curv).sum(1, dtype=torch.float64)
 
 
@@ -849,7 +850,7 @@ class ChannelNormTerms:
         m = torch.einsum("c,ncl->nl", q, xhat)
         r = xhat.transpose(1, 2) @ qx  # (N, L, L)
         dg = d @ gram
-        rows, signs = self.head.factor(d.dtype)  # (N, J, C), (N, J)
+        rows, weights = self.head.factor(d.dtype)  # (N, J, C), (N, J)
         alpha, beta = rows @ d, rows @ (d * xhat)  # (N, J, L)
         paired = gram_contraction(dg, d, channel_weight, self.head)
         quad = (
@@ -859,7 +860,7 @@ class ChannelNormTerms:
         ) / channels**2
         mixed = (rows.transpose(1, 2) * (q[:, None] * (dg @ alpha.transpose(1, 2)))).sum(1)
         mixed = mixed + (rows.transpose(1, 2) * ((dg * qx) @ beta.transpose(1, 2))).sum(1)
-        classes = (signs * (quad - 2 / channels * mixed)).sum(1, dtype=torch.float64)
+        classes = (weights * (quad - 2 / channels * mixed)).sum(1, dtype=torch.float64)
         diag_pqp = (
             channel_weight.diagonal()[:, None]
             - 2 / channels * (q[:, None] + xhat * qx)
