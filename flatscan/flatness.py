@@ -462,8 +462,8 @@ def relative_flatness_by_positions(
         sum_{c,c'} (K K^T)_cc' B_cc' <g_c, g_c'> = sum_j w_j sum_l ||K^T (V_j o a_l)||^2
 
     for B = sum_j w_j V_j^T V_j (:meth:`HeadDerivatives.factor`) and a_l the columns of A: J x L x C x D per sample
-    instead of C^2 (L + 1 + J); cheaper on small maps (:func:`positions_route_is_cheaper`). One group; ``kernel`` is
-    K (C, D).
+    instead of about C^2 (L + J) / 2; cheaper on small maps (:func:`positions_route_is_cheaper`). One group;
+    ``kernel`` is K (C, D).
     """
     factor = _scaled_slopes(slopes, channel_scale, 1)[:, 0]  # F: (N, C, L)
     p = patches[:, 0]
@@ -479,8 +479,9 @@ def relative_flatness_by_positions(
 
 def positions_route_is_cheaper(channels: int, positions: int, kernel_size: int, rows: int) -> bool:
     """Whether :func:`relative_flatness_by_positions` (rows x L x C x D) costs less than the Gram route
-    (C^2 x (L + 1 + rows))."""
-    return rows * positions * kernel_size < channels * (positions + 1 + rows)
+    (:func:`gram_contraction`'s share of C^2 x (min(L, D) + rows))."""
+    share = (_GRAM_BLOCKS + 1) / (2 * _GRAM_BLOCKS)
+    return rows * positions * kernel_size < share * channels * (min(positions, kernel_size) + rows)
 
 
 def classifier_flatness(inputs: Tensor, logits: Tensor, weight: Tensor) -> Tensor:
