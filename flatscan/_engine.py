@@ -137,6 +137,7 @@ class Constants:
     kernel_gram: Tensor
     kernel: Tensor  # K (C, D), the flattened filters
     split_precision: bool = False  # kappa's contraction through flatness.split_matmul (float32, checked by the scan)
+    kernel_norm: Tensor | None = None  # lambda_max(kernel_gram), for kappa over the likeliest classes (kappa_rtol)
 
 
 def channel_index(head: NormalisedHead, device: torch.device) -> slice | Tensor:
@@ -333,6 +334,17 @@ class Terms:
             )
         factors = flatness.gradient_factors(self.slopes, self.patches, const.channel_scale)
         return flatness.relative_flatness(const.kernel_gram, factors, self.curv, self.derivatives)
+
+    def bounded_relative_flatness(self, const: Constants, rtol: float) -> tuple[Tensor, Tensor]:
+        """kappa over the likeliest classes and a bound on the rest per sample, float64: the exact kappa lies in
+        [kappa, kappa + bound], bound <= ``rtol`` x the classes' part (:func:`flatness.truncated_gram_contraction`;
+        a linear head, the Gram route)."""
+        assert const.kernel_norm is not None
+        factors = flatness.gradient_factors(self.slopes, self.patches, const.channel_scale)
+        cross, bound = flatness.truncated_gram_contraction(
+            *factors, const.kernel_gram, const.kernel_norm, self.derivatives, rtol
+        )
+        return cross + flatness.kernel_curvature(const.kernel_gram, self.curv, self.derivatives), bound
 
     def block_traces(self, channel_scale: Tensor) -> Tensor:
         """Tr(H_cc') per sample, (N, C, C), float64."""

@@ -227,6 +227,7 @@ class HeadDerivatives:
     probs: Tensor | None = None
     weight: Tensor | None = None
     split_precision: bool = False  # the factor's products through split_matmul (float32 inputs)
+    classes: Tensor | None = None  # (N, J') the classes the factor keeps (linear head, --kappa-rtol); None: all
 
     def diagonal(self) -> Tensor:
         """B_cc, shape (N, C); for a linear head sum_k p_k (W_kc - (W^T p)_c)^2 in float64."""
@@ -253,7 +254,7 @@ class HeadDerivatives:
             product = factor[:, :, start:] @ q
         # V_k^T q V_k in q's dtype (a dot as long as the block is wide), weighted by p_k and summed in float64
         per_class = product.mul_(factor[:, :, columns]).sum(-1)
-        return (per_class.double() * self.probs).sum(-1)
+        return (per_class.double() * self._class_probs).sum(-1)
 
     def _factor(self, dtype: torch.dtype) -> Tensor:
         """V with B = sum_k p_k V_k^T V_k, V_k = w_k - W^T p: (N, classes, C) in ``dtype`` (linear head)."""
@@ -264,8 +265,15 @@ class HeadDerivatives:
         """V in the classifier weight's dtype, formed once: the contractions of one batch share it."""
         assert self.probs is not None and self.weight is not None
         dtype = self.weight.dtype
-        mean_row = (self.probs @ self.weight.double()).to(dtype)  # W^T p
-        return self.weight - mean_row.unsqueeze(1)
+        mean_row = (self.probs @ self.weight.double()).to(dtype)  # W^T p, over all classes
+        kept = self.weight if self.classes is None else self.weight[self.classes]
+        return kept - mean_row.unsqueeze(1)
+
+    @property
+    def _class_probs(self) -> Tensor:
+        """p_k of the factor's classes, (N, J'), float64."""
+        probs = cast(Tensor, self.probs)
+        return probs if self.classes is None else probs.gather(1, self.classes)
 
     @cached_property
     def _split_factor(self) -> tuple[Tensor, Tensor]:
@@ -274,8 +282,10 @@ class HeadDerivatives:
 
     @property
     def rows(self) -> int:
-        """J, the rows of :meth:`factor`: a linear head's classes, or C for a general head."""
-        return self.hessian.shape[-1] if self.hessian is not None else cast(Tensor, self.probs).shape[1]
+        """J, the rows of :meth:`factor`: a linear head's classes (those kept), or C for a general head."""
+        if self.hessian is not None:
+            return self.hessian.shape[-1]
+        return (self.classes if self.classes is not None else cast(Tensor, self.probs)).shape[1]
 
     def factor(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Rows V_j and weights w_j with B = sum_j w_j V_j^T V_j: (N, J, C) and (N, J).
@@ -284,7 +294,7 @@ class HeadDerivatives:
         its eigendecomposition (J = C, w = +-1).
         """
         if self.hessian is None:
-            return self._factor(dtype), cast(Tensor, self.probs).to(dtype)
+            return self._factor(dtype), self._class_probs.to(dtype)
         values, vectors = torch.linalg.eigh(self.hessian.double())
         rows = (values.abs().sqrt()[..., None] * vectors.transpose(1, 2)).to(dtype)
         return rows, values.sign().to(dtype)
@@ -295,7 +305,8 @@ class HeadDerivatives:
         if self.hessian is not None:
             return replace(self, grad=self.grad[part], hessian=self.hessian[part])
         assert self.probs is not None
-        return replace(self, grad=self.grad[part], probs=self.probs[part])
+        classes = None if self.classes is None else self.classes[part]
+        return replace(self, grad=self.grad[part], probs=self.probs[part], classes=classes)
 
     def apply_and_sandwich(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B x, x^T B x) per sample for ``x`` (N, C, A); a linear head goes through V x (classes x C x A), never
@@ -443,6 +454,64 @@ def gram_contraction(left: Tensor, right: Tensor, weight: Tensor, head: HeadDeri
     return total
 
 
+def class_tail_spread(probs: Tensor, weight: Tensor, order: Tensor) -> Tensor:
+    """T_t = sum_{i >= t} p_(i) ||w_(i) - W^T p||^2 for t = 0 .. classes, the classes taken in ``order`` (N, classes):
+    (N, classes + 1), float64, T_classes = 0.
+
+    Each ||w_k - W^T p||^2 is expanded in float64 and raised by 1e-10 of ||w_k||^2 + ||W^T p||^2, far more than the
+    expansion's and the sums' rounding: an upper bound.
+    """
+    weight = weight.double()
+    mean_row = probs @ weight
+    w2, m2 = weight.square().sum(1), mean_row.square().sum(1, keepdim=True)
+    distance = (w2 - 2 * (mean_row @ weight.T) + m2).clamp_min(0) + 1e-10 * (w2 + m2)
+    tail = (probs * distance).gather(1, order).flip(1).cumsum(1).flip(1)
+    return torch.cat([tail, tail.new_zeros(tail.shape[0], 1)], 1)
+
+
+def within_group_norm(kernel: Tensor, groups: int) -> Tensor:
+    """lambda_max of the within-group K K^T (:func:`flatscan._engine.within_group_gram`), float64, raised by 1e-12 of
+    itself (eigvalsh's rounding): the largest lambda_max(K_g K_g^T) over the groups, from the smaller Gram side."""
+    per_group = kernel.double().reshape(groups, -1, kernel.shape[1])
+    gram = per_group @ per_group.transpose(1, 2) if per_group.shape[1] <= per_group.shape[2] else None
+    gram = per_group.transpose(1, 2) @ per_group if gram is None else gram
+    return torch.linalg.eigvalsh(gram).max() * (1 + 1e-12)
+
+
+def truncated_gram_contraction(
+    left: Tensor, right: Tensor, weight: Tensor, weight_norm: Tensor, head: HeadDerivatives, rtol: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`gram_contraction` of a linear head over its likeliest classes, and a bound on the rest: (value, bound)
+    per sample, float64, value <= the whole <= value + bound, bound <= ``rtol`` value.
+
+    B = sum_k p_k V_k^T V_k (V_k = w_k - W^T p), so each class adds p_k V_k^T Q V_k >= 0 with Q = weight o left right^T
+    (PSD: a PSD ``weight``, lambda_max ``weight_norm``, and a Gram matrix left right^T); and V_k^T Q V_k <=
+    lambda_max(Q) ||V_k||^2, lambda_max(Q) <= min(weight_norm max_c (left right^T)_cc, Tr Q) (Schur). Classes go by
+    p, the likeliest first: as many as leave at most ``rtol`` of the softmax mass out, then twice as many per round
+    until every sample's bound is within ``rtol`` of its value (at worst all classes: bound 0).
+    """
+    assert head.probs is not None and head.weight is not None and head.hessian is None and head.classes is None
+    sqnorms = (left * right).sum(-1).double()  # (left right^T)_cc
+    spectral = torch.minimum(weight_norm * sqnorms.max(1).values, (weight.diagonal().double() * sqnorms).sum(1))
+    order = head.probs.argsort(1, descending=True)
+    bounds = class_tail_spread(head.probs, head.weight, order) * spectral[:, None]  # (N, classes + 1)
+    mass_left = head.probs.gather(1, order).flip(1).cumsum(1).flip(1)
+    classes = order.shape[1]
+    count, kept = max(1, int((mass_left > rtol).sum(1).max())), 0
+    value = left.new_zeros(left.shape[0], dtype=torch.float64)
+    while True:
+        value += gram_contraction(left, right, weight, replace(head, classes=order[:, kept:count]))
+        kept = count
+        if kept == classes or bool((bounds[:, kept] <= rtol * value).all()):
+            return value, bounds[:, kept]
+        count = min(2 * count, classes)
+
+
+def kernel_curvature(kernel_gram: Tensor, curv: Tensor, head: HeadDerivatives) -> Tensor:
+    """sum_c ||K_c||^2 e_c curv_c per sample, float64: kappa's part outside the (C, C) contraction."""
+    return (kernel_gram.diagonal() * head.grad * curv).sum(1, dtype=torch.float64)
+
+
 def relative_flatness(
     kernel_gram: Tensor, factors: tuple[Tensor, Tensor], curv: Tensor, head: HeadDerivatives
 ) -> Tensor:
@@ -450,8 +519,7 @@ def relative_flatness(
 
     ``kernel_gram`` is K K^T (C, C); ``factors`` come from :func:`gradient_factors`.
     """
-    cross = gram_contraction(*factors, kernel_gram, head)
-    return cross + (kernel_gram.diagonal() * head.grad * curv).sum(1, dtype=torch.float64)
+    return gram_contraction(*factors, kernel_gram, head) + kernel_curvature(kernel_gram, curv, head)
 
 
 def relative_flatness_by_positions(

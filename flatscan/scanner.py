@@ -18,6 +18,7 @@ from flatscan import flatness
 from flatscan._engine import (
     Constants,
     Recorder,
+    Terms,
     check_coupling,
     check_normalisation,
     head_taps,
@@ -61,6 +62,9 @@ class ScanResult:
     accuracy_top5: float
     device: str
     seconds: float
+    # With kappa_rtol: the mean of each sample's certified bound on the classes left out; the exact kappa lies in
+    # [relative_flatness, relative_flatness + relative_flatness_bound]. None: kappa over all classes (exact).
+    relative_flatness_bound: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,6 +132,7 @@ def _measure(
     logits: Tensor,
     labels: Tensor,
     trace_only: bool,
+    kappa_rtol: float | None,
 ) -> dict[str, Tensor]:
     """Per-sample measures (float64) of one chunk of samples."""
     terms = sample_terms(head, const, tapped, logits, labels)
@@ -141,15 +146,20 @@ def _measure(
         "correct": (logits.argmax(1) == labels).double(),
         "correct_top5": (logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]).any(1).double(),
     }
-    if not trace_only:
+    if trace_only:
+        return out
+    if kappa_rtol is None:
         out["relative_flatness"] = terms.relative_flatness(const)
+    else:
+        assert isinstance(terms, Terms)  # scan refuses kappa_rtol for the other tails
+        out["relative_flatness"], out["relative_flatness_bound"] = terms.bounded_relative_flatness(const, kappa_rtol)
     return out
 
 
 def _result(
     model: nn.Module, head: NormalisedHead, moments: dict[str, _Moments], device: torch.device, seconds: float
 ) -> ScanResult:
-    kappa = moments.get("relative_flatness")
+    kappa, bound = moments.get("relative_flatness"), moments.get("relative_flatness_bound")
     return ScanResult(
         architecture=getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__,
         family=head.family,
@@ -169,6 +179,7 @@ def _result(
         accuracy_top5=moments["correct_top5"].mean,
         device=str(device),
         seconds=seconds,
+        relative_flatness_bound=None if bound is None else bound.mean,
     )
 
 
@@ -272,6 +283,22 @@ def _check_split_precision(
     return replace(const, split_precision=False)
 
 
+def _bounded_kappa_constants(head: NormalisedHead, const: Constants, kappa_rtol: float, trace_only: bool) -> Constants:
+    """``const`` with lambda_max(K K^T) for kappa over the likeliest classes; refuses what that cannot bound."""
+    if not 0 < kappa_rtol < 1:
+        raise ValueError(f"kappa_rtol must be between 0 and 1, got {kappa_rtol}")
+    if trace_only:
+        raise ValueError("kappa_rtol bounds kappa, which a trace_only scan does not compute; drop one of them")
+    if head.coupling is not None or head.head_fn is not None:
+        what = "its head is not a Linear classifier" if head.head_fn is not None else "its tail is coupled"
+        raise ScanError(
+            f"kappa_rtol leaves out classes of a Linear head after an element-wise tail; this {head.family} model's "
+            f"{what}: scan it without kappa_rtol (exact)"
+        )
+    groups = getattr(const.feature_layer, "groups", 1)
+    return replace(const, kernel_norm=flatness.within_group_norm(const.kernel, groups))
+
+
 def _measure_batch(
     head: NormalisedHead,
     const: Constants,
@@ -280,6 +307,7 @@ def _measure_batch(
     labels: Tensor,
     chunk: int,
     names: list[str],
+    kappa_rtol: float | None = None,
 ) -> Tensor:
     """Per-sample measures ``names`` of one batch, (len(names), N) on the CPU, computed ``chunk`` samples at a time."""
     trace_only = "relative_flatness" not in names
@@ -287,7 +315,7 @@ def _measure_batch(
     for lo in range(0, labels.shape[0], chunk):
         part = slice(lo, lo + chunk)
         parts = {key: value[part] for key, value in tapped.items()}
-        for name, value in _measure(head, const, parts, logits[part], labels[part], trace_only).items():
+        for name, value in _measure(head, const, parts, logits[part], labels[part], trace_only, kappa_rtol).items():
             values[name].append(value)
     # One device-to-host copy per batch: a copy per chunk and measure would stall a GPU on each.
     return torch.stack([torch.cat(values[name]) for name in names]).cpu()
@@ -302,6 +330,7 @@ def scan(
     amp: bool = False,
     on_batch: Callable[[ScanResult], bool | None] | None = None,
     split_precision: bool | None = None,
+    kappa_rtol: float | None = None,
 ) -> ScanResult:
     """Exact Tr(H), relative flatness and classifier flatness of ``model``'s feature layer over ``batches``.
 
@@ -313,8 +342,12 @@ def scan(
     the stream there. ``split_precision`` runs kappa's largest product (classes x C^2 per sample) as three TF32
     tensor-core products with float32 accuracy (:func:`flatscan.flatness.split_matmul`); default: on CUDA for a
     float32 model, kept only if it agrees with the float32 product to ``SPLIT_PRECISION_RTOL`` on the first chunk
-    (True forces it anywhere, e.g. as a CPU emulation for tests). Raises :class:`UnsupportedModel` with the reason
-    for a model outside the supported class, and :class:`ScanInterrupted` holding the partial result on Ctrl-C.
+    (True forces it anywhere, e.g. as a CPU emulation for tests). ``kappa_rtol`` (off: None) computes kappa's
+    classes x C^2 part over the likeliest classes only, each sample's left-out part certified at most ``kappa_rtol``
+    of its kept part (:func:`flatscan.flatness.truncated_gram_contraction`); the result's
+    ``relative_flatness_bound`` then bounds the difference to the exact value. Raises :class:`UnsupportedModel`
+    with the reason for a model outside the supported class, and :class:`ScanInterrupted` holding the partial result
+    on Ctrl-C.
     """
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be positive, got {max_samples}")
@@ -331,8 +364,11 @@ def scan(
     if split_precision and compute_dtype != torch.float32:
         raise ValueError(f"split_precision needs a float32 model; this one computes in {compute_dtype}")
     const = replace(const, split_precision=split_precision and not trace_only)
+    if kappa_rtol is not None:
+        const = _bounded_kappa_constants(head, const, kappa_rtol, trace_only)
     names = ["trace", "classifier_flatness", "loss", "correct", "correct_top5"]
     names += [] if trace_only else ["relative_flatness"]
+    names += [] if kappa_rtol is None else ["relative_flatness_bound"]
     moments = {name: _Moments() for name in names}
     chunk = _chunk_size(const, dev, trace_only)
     start, n_seen = time.perf_counter(), 0
@@ -347,7 +383,7 @@ def scan(
                 _check_finite(logits, "logits", n_seen)
                 if n_seen == 0 and const.split_precision:
                     const = _check_split_precision(head, const, tapped, logits, labels, chunk)
-                per_sample = _measure_batch(head, const, tapped, logits, labels, chunk, names)
+                per_sample = _measure_batch(head, const, tapped, logits, labels, chunk, names, kappa_rtol)
                 for name, row in zip(names, per_sample, strict=True):
                     _check_finite(row[:, None], name.replace("_", " "), n_seen)
                     moments[name].add(row)
