@@ -286,9 +286,11 @@ def _check_split_precision(
 def _bounded_kappa_constants(head: NormalisedHead, const: Constants, kappa_rtol: float, trace_only: bool) -> Constants:
     """``const`` with lambda_max(K K^T) for kappa over the likeliest classes; refuses what that cannot bound."""
     if not 0 < kappa_rtol < 1:
-        raise ValueError(f"kappa_rtol must be between 0 and 1, got {kappa_rtol}")
+        raise FlatscanError(f"kappa_rtol (--kappa-rtol) must be between 0 and 1, not {kappa_rtol} (e.g. 1e-3)")
     if trace_only:
-        raise ValueError("kappa_rtol bounds kappa, which a trace_only scan does not compute; drop one of them")
+        raise FlatscanError(
+            "kappa_rtol (--kappa-rtol) bounds kappa, which a trace-only scan does not compute; drop one of them"
+        )
     if head.coupling is not None or head.head_fn is not None:
         what = "its head is not a Linear classifier" if head.head_fn is not None else "its tail is coupled"
         raise ScanError(

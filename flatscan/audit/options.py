@@ -20,13 +20,15 @@ DEFAULT_RETRIES = 3  # Ray's own default for tasks
 class AuditOptions:
     """One audit's settings: ``data`` (opened per model, in its own preprocessing), ``num_samples`` (stop after this
     many images), ``device`` (as ``flatscan.scan`` takes it; the Ray audit resolves it in the worker), ``amp``,
-    ``trace_only``, ``channels_last``, ``offline`` (the local cache only) and ``force`` (redo models the store has)."""
+    ``trace_only``, ``kappa_rtol`` (``flatscan.scan``'s), ``channels_last``, ``offline`` (the local cache only) and
+    ``force`` (redo models the store has)."""
 
     data: DataOptions
     num_samples: int | None = None
     device: str | torch.device | None = None
     amp: bool = False
     trace_only: bool = False
+    kappa_rtol: float | None = None
     channels_last: bool = False
     offline: bool = False
     force: bool = False

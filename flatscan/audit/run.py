@@ -60,6 +60,7 @@ def measure(
             device=options.device,
             max_samples=options.num_samples,
             trace_only=options.trace_only,
+            kappa_rtol=options.kappa_rtol,
             amp=options.amp,
             on_batch=on_batch,
         )

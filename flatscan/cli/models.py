@@ -17,6 +17,7 @@ from flatscan.cli.options import (
     Checkpoint,
     Debug,
     DeviceOpt,
+    KappaRtolOpt,
     ModelName,
     NumSamplesOpt,
     Offline,
@@ -87,6 +88,7 @@ def model(
     channels_last: Annotated[bool, typer.Option("--channels-last")] = False,
     until_se: UntilSeOpt = None,
     trace_only: TraceOnlyOpt = False,
+    kappa_rtol: KappaRtolOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result row as JSON")] = False,
     results_file: Annotated[Path | None, typer.Option(help="write the result to a .json or append to a .csv")] = None,
     debug: Debug = False,
@@ -119,7 +121,7 @@ def model(
         )
         options = AuditOptions(
             data, num_samples=num_samples, device=scan_device, amp=amp, trace_only=trace_only,
-            channels_last=channels_last,
+            kappa_rtol=kappa_rtol, channels_last=channels_last,
         )  # fmt: skip
         partial: list[dict[str, Any]] = []
         try:

@@ -43,6 +43,15 @@ AmpOpt = Annotated[bool, typer.Option("--amp", help="mixed-precision forward pas
 SeedOpt = Annotated[int, typer.Option(help="seed for data order and splits")]
 UntilSeOpt = Annotated[float | None, typer.Option(help="stop once the relative standard error of kappa is below this")]
 TraceOnlyOpt = Annotated[bool, typer.Option("--trace-only", help="measure Tr(H) only (skip kappa)")]
+KappaRtolOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=0,
+        max=1,
+        help="compute kappa over the likeliest classes only, the rest certified within this fraction of their part "
+        "(the bound is printed beside kappa; default: all classes, exact)",
+    ),
+]
 PresetOpt = Annotated[str, typer.Option(help="demo (10 models, a minute) or study (64 models)")]
 ZooSizeOpt = Annotated[int | None, typer.Option("--size", min=1, help="number of models (default: the preset's)")]
 EpochsOpt = Annotated[int | None, typer.Option(min=1, help="training epochs of every model (default: the grid's)")]

@@ -32,6 +32,11 @@ def format_value(value: float | None, se: float | None = None) -> str:
     return f"{value:.4g}" if se is None or math.isnan(se) else f"{value:.4g} ± {se:.2g}"
 
 
+def bound_text(bound: float | None) -> str:
+    """The certified bound of a kappa over the likeliest classes (``kappa_rtol``), as printed beside it."""
+    return "" if bound is None else f" (classes left out: exact value within +{bound:.2g})"
+
+
 def print_record(record: dict[str, Any], title: str, out: Console) -> None:
     table = Table(title=title, show_header=False)
     rows = {
@@ -39,7 +44,8 @@ def print_record(record: dict[str, Any], title: str, out: Console) -> None:
         "feature layer": record["feature_layer"],
         "activation": record["activation"],
         "Tr(H)": format_value(record["trace"], record["trace_se"]),
-        "kappa": format_value(record["relative_flatness"], record["relative_flatness_se"]),
+        "kappa": format_value(record["relative_flatness"], record["relative_flatness_se"])
+        + bound_text(record.get("relative_flatness_bound")),
         "classifier kappa": format_value(record["classifier_flatness"]),
         "loss": f"{record['loss']:.4f}",
         "top-1": f"{100 * record['accuracy']:.2f}",
@@ -72,12 +78,20 @@ def check_results_file(path: Path) -> None:
 
 
 def write_results(path: Path, record: dict[str, Any]) -> None:
-    """Append ``record`` to a .csv, or write it to a .json file."""
+    """Append ``record`` to a .csv, or write it to a .json file.
+
+    A .csv whose columns differ (written by another flatscan version, or with other options) is rewritten with the
+    union of the columns, each value under its own name: an appended row would shift into the wrong columns."""
     if path.suffix == ".csv":
         import pandas as pd
 
         frame = pd.DataFrame([record])
-        frame.to_csv(path, mode="a", header=not path.exists() or path.stat().st_size == 0, index=False)
+        if not path.exists() or path.stat().st_size == 0:
+            frame.to_csv(path, index=False)
+        elif list(pd.read_csv(path, nrows=0).columns) == list(frame.columns):
+            frame.to_csv(path, mode="a", header=False, index=False)
+        else:
+            pd.concat([pd.read_csv(path), frame], ignore_index=True).to_csv(path, index=False)
     else:  # .json: check_results_file refused any other suffix before the scan
         path.write_text(json_text(record, indent=2) + "\n")
 

@@ -132,6 +132,12 @@ def test_until_se_stops_early_and_results_file(tiny_dir: Path, tmp_path: Path) -
     code, _, err = invoke(*args)  # appends a second row
     frame = pd.read_csv(csv)
     assert list(frame["n_samples"]) == [32, 32]  # a loose target is met by the first batch's standard error
+    # A file from another version (here: without the kappa bound column, an extra one at the end) gets the union
+    frame.drop(columns="relative_flatness_bound").assign(old_column="kept").to_csv(csv, index=False)
+    code, _, err = invoke(*args)
+    merged = pd.read_csv(csv)
+    assert code == 0 and list(merged["n_samples"]) == [32, 32, 32] and list(merged["model"]) == [str(tiny_dir)] * 3
+    assert list(merged["old_column"].fillna("")) == ["kept", "kept", ""], merged
     code, _, err = invoke("model", str(tiny_dir), *BASE, "-b", "32", "--until-se", "1e-9", "--num-samples", "96")
     assert code == 0, err  # an unreachable target streams until the data (here --num-samples) ends
     target = tmp_path / "run.json"

@@ -79,6 +79,18 @@ def test_one_sample_json_is_strict(models: Path) -> None:
     assert record["trace_se"] is None and record["n_samples"] == 1
 
 
+def test_kappa_rtol_prints_its_bound_and_refuses_trace_only(models: Path) -> None:
+    intact = str(models / "intact")
+    code, out, err = invoke("model", intact, *BASE, "--kappa-rtol", "0.5", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["relative_flatness_bound"] >= 0 and record["relative_flatness"] is not None
+    code, out, err = invoke("model", intact, *BASE, "--kappa-rtol", "0.5")
+    assert code == 0 and "classes left out: exact value within +" in out, out
+    code, _, err = invoke("model", intact, *BASE, "--kappa-rtol", "0.5", "--trace-only")
+    assert code != 0 and "drop one of them" in err and "Traceback" not in err, err
+
+
 # Each case: CLI arguments (after `model <path>`), what the one-line error names. They fail before the model loads:
 # the model path does not exist, so an error about it would mean the check came too late.
 CASES = {

@@ -76,9 +76,9 @@ def test_exact_scans_report_no_bound() -> None:
 def test_what_cannot_be_bounded_is_refused() -> None:
     model = peaked_gapnet(nn.SiLU())
     data = [batch(classes=CLASSES)]
-    with pytest.raises(ValueError, match="kappa_rtol must be between 0 and 1"):
+    with pytest.raises(flatscan.FlatscanError, match=r"kappa_rtol \(--kappa-rtol\) must be between 0 and 1"):
         flatscan.scan(model, data, device="cpu", kappa_rtol=0)
-    with pytest.raises(ValueError, match="trace_only"):
+    with pytest.raises(flatscan.FlatscanError, match="trace-only scan"):
         flatscan.scan(model, data, device="cpu", kappa_rtol=0.1, trace_only=True)
     convnext = timm.create_model("test_convnext", num_classes=CLASSES).double().eval()  # LayerNorm head
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
