@@ -236,9 +236,9 @@ class HeadDerivatives:
         assert self.probs is not None and self.weight is not None
         return class_spread(self.probs, self.weight)
 
-    def contract(self, q: Tensor, start: int = 0, columns: slice = slice(None)) -> Tensor:
-        """sum_{c,c'} q_cc' B_cc' per sample, float64, over the block of ``q`` given: (N, C, C) by default, else
-        the rows from ``start`` on and the columns ``columns``.
+    def contract(self, q: Tensor, start: int, columns: slice) -> Tensor:
+        """sum_{c,c'} q_cc' B_cc' per sample, float64, over a block of a (C, C) matrix: ``q`` holds its rows from
+        ``start`` on and its columns ``columns`` (:func:`gram_contraction`'s block columns).
 
         A linear head uses B = sum_k p_k V_k^T V_k, V_k = w_k - W^T p: a sum of non-negative terms, each
         V_k^T q V_k in q's dtype, with no cancellation between two large numbers.

@@ -32,3 +32,14 @@ class AuditOptions:
     channels_last: bool = False
     offline: bool = False
     force: bool = False
+
+    def check_storable(self) -> None:
+        """Refuse options whose results a store must not keep: its run keys do not record ``kappa_rtol``, so a bounded
+        kappa would later pass for an exact one."""
+        if self.kappa_rtol is not None:
+            from flatscan.errors import FlatscanError
+
+            raise FlatscanError(
+                "kappa_rtol is for single scans (flatscan model, flatscan.scan): an audit's store keeps exact values; "
+                "audit without it"
+            )

@@ -218,6 +218,7 @@ def audit_org(
     ``on_model(row, i, n)`` follows the i-th (1-based) of n models; ``on_batch_factory(model)`` gives the scan's
     ``on_batch`` callback for that model (progress; returning True stops its scan early).
     """
+    options.check_storable()
     models = list_org_models(
         org, pattern=pattern, limit=limit, include_transformers=include_transformers, offline=options.offline
     )

@@ -83,6 +83,7 @@ def audit_org_ray(
     ``on_batch_factory`` gives a model's progress callback, fed with the running results the worker streams (its
     return value is ignored).
     """
+    options.check_storable()
     ray = _import_ray()
     check_paths(options.data)
     models = list_org_models(

@@ -29,6 +29,7 @@ import flatscan
 import flatscan.audit.run
 from flatscan.audit.options import AuditOptions
 from flatscan.audit.org import AuditRow, OrgModel, audit_org, list_org_models
+from flatscan.audit.ray_audit import audit_org_ray
 from flatscan.audit.store import ResultsStore
 from flatscan.errors import FlatscanError
 from flatscan.io.data import open_eval_data
@@ -136,6 +137,16 @@ def _check_store(frame: pd.DataFrame, hub: HubServer) -> None:
         else:
             assert re.search(reason, row["reason"]) and "\n" not in row["reason"], row["reason"]
         assert (row["revision"], row["num_samples"]) == (hub.repos[repo].commit, N)
+
+
+def test_audits_refuse_kappa_rtol_before_listing(tmp_path: Path) -> None:
+    # A store's run keys do not record kappa_rtol: a bounded kappa must never pass for an exact one there.
+    options = AuditOptions(OPTIONS, num_samples=N, device="cpu", kappa_rtol=1e-3)
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        for audit in (audit_org, audit_org_ray):
+            with pytest.raises(FlatscanError, match="kappa_rtol is for single scans"):
+                audit("no-such-org-anywhere", store, options)
+        assert store.frame().empty
 
 
 def test_audit_rows_and_numbers_resume_force(hub: HubServer, tmp_path: Path) -> None:
