@@ -311,16 +311,18 @@ def coupling_taps(head: NormalisedHead) -> dict[str, Tap]:
 
 @dataclass(frozen=True)
 class Terms:
-    """Per-sample ingredients of the element-wise closed form: patches P, sigma'(v), curv_c, and e, B of the head."""
+    """Per-sample ingredients of the element-wise closed form: patches P, sigma'(v), curv_c, e and B of the head, and
+    the factors of <g_c, g_c'> (:func:`flatness.gradient_factors`, formed once for Tr(H), kappa and the checks)."""
 
     patches: Tensor
     slopes: Tensor
     curv: Tensor
     derivatives: flatness.HeadDerivatives
+    factors: tuple[Tensor, Tensor]
 
-    def trace(self, channel_scale: Tensor) -> Tensor:
+    def trace(self) -> Tensor:
         """Tr(H) per sample, float64."""
-        left, right = flatness.gradient_factors(self.slopes, self.patches, channel_scale)
+        left, right = self.factors
         return flatness.hessian_trace((left * right).sum(-1), self.curv, self.derivatives)
 
     def relative_flatness(self, const: Constants) -> Tensor:
@@ -332,23 +334,21 @@ class Terms:
             return flatness.relative_flatness_by_positions(
                 const.kernel, self.slopes, self.patches, const.channel_scale, self.curv, self.derivatives
             )
-        factors = flatness.gradient_factors(self.slopes, self.patches, const.channel_scale)
-        return flatness.relative_flatness(const.kernel_gram, factors, self.curv, self.derivatives)
+        return flatness.relative_flatness(const.kernel_gram, self.factors, self.curv, self.derivatives)
 
     def bounded_relative_flatness(self, const: Constants, rtol: float) -> tuple[Tensor, Tensor]:
         """kappa over the likeliest classes and a bound on the rest per sample, float64: the exact kappa lies in
         [kappa, kappa + bound], bound <= ``rtol`` x the classes' part (:func:`flatness.truncated_gram_contraction`;
         a linear head, the Gram route)."""
         assert const.kernel_norm is not None
-        factors = flatness.gradient_factors(self.slopes, self.patches, const.channel_scale)
         cross, bound = flatness.truncated_gram_contraction(
-            *factors, const.kernel_gram, const.kernel_norm, self.derivatives, rtol
+            *self.factors, const.kernel_gram, const.kernel_norm, self.derivatives, rtol
         )
         return cross + flatness.kernel_curvature(const.kernel_gram, self.curv, self.derivatives), bound
 
-    def block_traces(self, channel_scale: Tensor) -> Tensor:
+    def block_traces(self) -> Tensor:
         """Tr(H_cc') per sample, (N, C, C), float64."""
-        left, right = flatness.gradient_factors(self.slopes, self.patches, channel_scale)
+        left, right = self.factors
         return flatness.block_traces(left @ right.transpose(1, 2), self.curv, self.derivatives)
 
 
@@ -357,16 +357,17 @@ class CoupledSampleTerms:
     """Per-sample ingredients of a tail coupled through pooled statistics (:class:`flatness.CoupledTerms`)."""
 
     terms: flatness.CoupledTerms | flatness.ChannelNormTerms
+    channel_scale: Tensor
 
-    def trace(self, channel_scale: Tensor) -> Tensor:
-        return self.terms.trace(channel_scale)
+    def trace(self) -> Tensor:
+        return self.terms.trace(self.channel_scale)
 
     def relative_flatness(self, const: Constants) -> Tensor:
-        scale = const.channel_scale
+        scale = self.channel_scale
         return self.terms.contract(const.kernel_gram * scale[:, None] * scale[None, :])
 
-    def block_traces(self, channel_scale: Tensor) -> Tensor:
-        return self.terms.block_traces(channel_scale)
+    def block_traces(self) -> Tensor:
+        return self.terms.block_traces(self.channel_scale)
 
 
 def sample_terms(
@@ -397,7 +398,8 @@ def sample_terms(
                 norm.eps,
                 head.activation,
                 derivatives,
-            )
+            ),
+            const.channel_scale,
         )
     if head.coupling is not None:
         coupling = head.coupling
@@ -413,7 +415,8 @@ def sample_terms(
             derivatives,
             coupling.statistics_of_input,
         )
-        return CoupledSampleTerms(terms)
+        return CoupledSampleTerms(terms, const.channel_scale)
     slopes, curvatures = head.activation.derivatives(pre_activation)
     curv = flatness.curvature(curvatures, patches, const.channel_scale)
-    return Terms(patches, slopes, curv, derivatives)
+    factors = flatness.gradient_factors(slopes, patches, const.channel_scale)
+    return Terms(patches, slopes, curv, derivatives, factors)

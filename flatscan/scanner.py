@@ -136,9 +136,8 @@ def _measure(
 ) -> dict[str, Tensor]:
     """Per-sample measures (float64) of one chunk of samples."""
     terms = sample_terms(head, const, tapped, logits, labels)
-    scale = const.channel_scale
     out = {
-        "trace": terms.trace(scale),
+        "trace": terms.trace(),
         "classifier_flatness": flatness.classifier_flatness(
             tapped["classifier_input"].flatten(1), logits, const.classifier_weight
         ),

@@ -337,7 +337,7 @@ def _verify_copy(
         tapped_offset(tapped),
     )
     check_coupling(head, tapped, torch.float64)
-    closed = sample_terms(head, const, tapped, logits, labels).block_traces(const.channel_scale).mean(0)
+    closed = sample_terms(head, const, tapped, logits, labels).block_traces().mean(0)
 
     generator = torch.Generator().manual_seed(seed)
     channels = closed.shape[0]
